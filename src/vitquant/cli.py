@@ -1,0 +1,253 @@
+"""Command line: ``vitquant quantize MODEL --method ...``.
+
+User errors (bad paths, unknown model, impossible bit-width, ...) print one line
+``vitquant: error: ...`` and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+from .errors import VitquantError
+
+
+def _bits(v: str) -> int:
+    try:
+        b = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bit-width must be an integer in 2..16, got {v!r}") from None
+    if not 2 <= b <= 16:
+        raise argparse.ArgumentTypeError(f"bit-width must be in 2..16, got {b}")
+    return b
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _positive_float(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {x}")
+    return x
+
+
+def _on_off(v: str) -> bool:
+    v = v.lower()
+    if v in ("on", "true", "1", "yes"):
+        return True
+    if v in ("off", "false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {v!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage too; keep it short)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .recipes import RECIPES
+    p = _Parser(prog="vitquant", description="Post-training quantization of vision transformers.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    q = sub.add_parser("quantize", help="quantize a timm model and evaluate it against FP32",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    q.add_argument("model", help="timm model name, e.g. deit_tiny_patch16_224")
+    q.add_argument("--method", default="ptq4vit", choices=sorted(RECIPES), help="quantization recipe")
+    q.add_argument("--w-bits", type=_bits, default=8, help="weight bit-width (2..16)")
+    q.add_argument("--a-bits", type=_bits, default=8, help="activation bit-width (2..16)")
+    g = q.add_argument_group("model")
+    g.add_argument("--checkpoint", help="local state dict (.safetensors or torch) instead of the hub")
+    g.add_argument("--random-init", action="store_true", help="random weights (functional tests, timing)")
+    g.add_argument("--img-size", type=_positive_int, help="input resolution (timm img_size)")
+    d = q.add_argument_group("data (default: the public ImageNet sample, see README)")
+    d.add_argument("--calib-data", help="calibration image folder (labels not needed)")
+    d.add_argument("--calib-list", help="file naming the calibration images to use, in order")
+    d.add_argument("--num-calib", type=_positive_int, default=32, help="number of calibration images")
+    d.add_argument("--eval-data", help="evaluation image folder")
+    d.add_argument("--eval-list", help="file naming the evaluation images")
+    d.add_argument("--labels", help="labels file for a flat evaluation folder: '<file> <index or wnid>' lines")
+    d.add_argument("--num-eval", type=_positive_int, help="evaluate on the first N evaluation images only")
+    d.add_argument("--no-cache", action="store_true", help="do not cache decoded images")
+    a = q.add_argument_group("method switches (ablations; default: the recipe's own)")
+    a.add_argument("--hessian", type=_on_off, metavar="on|off",
+                   help="Hessian-guided objective (off: cosine distance)")
+    a.add_argument("--softmax-twin", type=_on_off, metavar="on|off", help="twin uniform for post-softmax")
+    a.add_argument("--gelu-twin", type=_on_off, metavar="on|off", help="twin uniform for post-GELU")
+    a.add_argument("--objective", choices=["mse", "cosine", "pearson", "hessian"], help="search objective")
+    a.add_argument("--search-rounds", type=_positive_int, help="alternating search rounds")
+    a.add_argument("--num-candidates", type=_positive_int, help="candidates per search")
+    a.add_argument("--alpha", type=_positive_float, help="candidate range start (x D0)")
+    a.add_argument("--beta", type=_positive_float, help="candidate range end (x D0)")
+    a.add_argument("--percentile", type=_positive_float, help="activation percentile (percentile method)")
+    a.add_argument("--per-channel-weights", action="store_true", help="one weight scale per output channel")
+    a.add_argument("--sequential", action="store_true", help="calibrate on quantized inputs (default: FP inputs)")
+    r = q.add_argument_group("run")
+    r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
+    r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
+    r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    r.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
+    r.add_argument("--json", help="write the result as one JSON object to this file")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _config_from_args(args):
+    from .recipes import get_recipe
+    overrides = dict(softmax_twin=args.softmax_twin, gelu_twin=args.gelu_twin, rounds=args.search_rounds,
+                     num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
+                     memory_budget_mb=args.search_memory_mb, percentile=args.percentile,
+                     objective=args.objective)
+    if args.hessian is not None:
+        if args.objective is not None:
+            raise VitquantError("--hessian and --objective both set the objective; give only one")
+        overrides["objective"] = "hessian" if args.hessian else "cosine"
+    if args.per_channel_weights:
+        overrides["per_channel_weights"] = True
+    if args.sequential:
+        overrides["sequential"] = True
+    try:
+        return get_recipe(args.method, args.w_bits, args.a_bits, **overrides)
+    except ValueError as e:
+        raise VitquantError(str(e)) from None
+
+
+def run_quantize(args) -> dict:
+    import torch
+
+    from . import __version__
+    from .api import quantize
+    from .data import default_sample, load_images
+    from .evaluate import compare, model_size_mb
+    from .io import atomic_write_json
+    from .models import load_model
+    from .report import environment, print_summary
+
+    cfg = _config_from_args(args)
+    if args.json:
+        _check_writable(args.json)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise VitquantError(f"--device {args.device} requested but CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    progress = not args.quiet
+
+    if args.checkpoint and args.random_init:
+        raise VitquantError("--checkpoint and --random-init exclude each other")
+    model, model_info = load_model(args.model, args.checkpoint, pretrained=not args.random_init,
+                                   img_size=args.img_size)
+    from timm.data import resolve_data_config
+    data_config = resolve_data_config({}, model=model)
+
+    calib_dir, calib_list, eval_dir, eval_list = args.calib_data, args.calib_list, args.eval_data, args.eval_list
+    sample = None
+    if calib_dir is None or eval_dir is None:
+        sample = default_sample(seed=args.seed)
+    if calib_dir is None:
+        calib_dir = sample.image_dir
+        calib_names = sample.calib_names
+    if eval_dir is None:
+        eval_dir = sample.image_dir
+    use_cache = not args.no_cache
+    calib = load_images(calib_dir, data_config, list_file=calib_list, limit=None, use_cache=use_cache,
+                        progress=progress, names=None if args.calib_data else calib_names)
+    if len(calib) < args.num_calib:
+        raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable calibration images "
+                            f"in {calib_dir}")
+    calib = calib.subset(args.num_calib)
+    evalset = load_images(eval_dir, data_config, list_file=eval_list, labels_file=args.labels,
+                          use_cache=use_cache, progress=progress, require_labels=True,
+                          names=None if args.eval_data else sample.eval_names)
+    if args.num_eval:
+        if args.num_eval > len(evalset):
+            raise VitquantError(f"--num-eval {args.num_eval} but only {len(evalset)} evaluation images")
+        evalset = evalset.subset(args.num_eval)
+    for s, what in ((calib, "calibration"), (evalset, "evaluation")):
+        if s.skipped:
+            print(f"vitquant: warning: skipped {len(s.skipped)} unreadable {what} images "
+                  f"(e.g. {s.skipped[0][0]}: {s.skipped[0][1]})", file=sys.stderr)
+
+    model.to(args.device)
+    t0 = time.perf_counter()
+    try:
+        model, report = quantize(model, calib, cfg, progress=progress)
+    except ValueError as e:
+        raise VitquantError(str(e)) from None
+    calib_seconds = time.perf_counter() - t0
+    try:
+        cmp = compare(model, evalset, args.batch_size, args.device, progress)
+    except FloatingPointError as e:
+        raise VitquantError(str(e)) from None
+    result = {
+        "model": args.model, "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
+        "num_calib": len(calib), "num_eval": len(evalset),
+        "fp32_top1": round(cmp.fp32_top1, 4), "fp32_top5": round(cmp.fp32_top5, 4),
+        "quant_top1": round(cmp.quant_top1, 4), "quant_top5": round(cmp.quant_top5, 4),
+        "top1_drop": round(cmp.top1_drop, 4), "top1_agreement": round(cmp.top1_agreement, 4),
+        "model_size_mb": round(model_size_mb(model), 4),
+        "fp32_model_size_mb": round(sum(p.numel() for p in model.parameters()) * 4 / 1e6, 4),
+        "calib_seconds": round(calib_seconds, 3), "gradient_seconds": round(report.gradient_seconds, 3),
+        "eval_seconds": round(cmp.quant_seconds, 3), "fp32_eval_seconds": round(cmp.fp32_seconds, 3),
+        "config": cfg.to_dict(), "seed": args.seed, "device": args.device,
+        "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
+                                               for k, v in data_config.items()},
+        "calib_data": calib.describe() | {"list": calib_list, "names": calib.names},
+        "eval_data": evalset.describe() | {"list": eval_list},
+        "default_data_source": sample.source if sample else None,
+        "environment": environment(), "vitquant_version": __version__,
+        "layers": report.ops,
+    }
+    print_summary(result)
+    if args.json:
+        atomic_write_json(args.json, result)
+    return result
+
+
+def _check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise VitquantError(f"output directory does not exist: {d}")
+    if not os.access(d, os.W_OK):
+        raise VitquantError(f"output directory is not writable: {d}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "quantize":
+            run_quantize(args)
+        return 0
+    except VitquantError as e:
+        print(f"vitquant: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

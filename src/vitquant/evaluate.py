@@ -1,0 +1,76 @@
+"""Evaluation: FP32 and quantized top-1/top-5 on the same images, drop, agreement, model size."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import ImageSet
+from .nn.modules import _WeightOp
+from .nn.wrap import quantization_disabled
+
+
+@torch.no_grad()
+def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
+                 progress: bool = True, desc: str = "evaluating") -> tuple[torch.Tensor, float]:
+    """Top-5 class indices ``[N, 5]`` and wall time in seconds."""
+    from tqdm.auto import tqdm
+    model.eval()
+    out = []
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
+        logits = model(images.tensors(i, i + batch_size).to(device))
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError(f"non-finite logits while {desc}")
+        out.append(logits.topk(5, dim=-1).indices.cpu())
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def topk_accuracy(top5: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(top-1 %, top-5 %)."""
+    hit = top5 == labels[:, None]
+    return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
+
+
+@dataclass
+class Comparison:
+    fp32_top1: float
+    fp32_top5: float
+    quant_top1: float
+    quant_top5: float
+    top1_drop: float
+    top1_agreement: float
+    fp32_seconds: float
+    quant_seconds: float
+
+
+def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
+            progress: bool = True) -> Comparison:
+    """Evaluate a wrapped model with quantization off (FP32) and on, on the same images."""
+    if images.labels is None:
+        raise ValueError("evaluation images need labels")
+    with quantization_disabled(model):
+        fp, fp_s = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
+    q, q_s = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
+    labels = images.labels
+    f1, f5 = topk_accuracy(fp, labels)
+    q1, q5 = topk_accuracy(q, labels)
+    agree = 100.0 * (fp[:, 0] == q[:, 0]).float().mean().item()
+    return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s)
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Model size in MB (1e6 bytes): weights of quantized ops at their bit-width, every other
+    parameter (biases, embeddings, LayerNorm, unquantized weights) in FP32 (Liu et al. 2021)."""
+    bits = 0
+    quantized = set()
+    for m in model.modules():
+        if isinstance(m, _WeightOp) and m.weight_quantizer is not None:
+            bits += m.weight.numel() * m.weight_quantizer.bits
+            quantized.add(id(m.weight))
+    for p in model.parameters():
+        if id(p) not in quantized:
+            bits += p.numel() * 32
+    return bits / 8 / 1e6

@@ -1,0 +1,102 @@
+"""Attention modules owned by vitquant, so that q@k^T and attn@v are explicit quantized ops.
+
+They are built from timm's modules (sharing their parameters) and reproduce timm's
+non-fused attention math; ``tests/test_wrap.py`` checks them against timm's forward.
+In ``attn = (q @ k^T) * scale`` the operands q and k are quantized before scaling (PTQ4ViT).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .modules import QuantLinear, QuantMatMul
+
+
+def _check_supported(module: nn.Module, name: str) -> None:
+    if getattr(module, "attn_drop", None) is not None and module.attn_drop.p and module.training:
+        raise ValueError(f"{name}: attention dropout in training mode is not supported")
+
+
+class QuantAttention(nn.Module):
+    """Multi-head self-attention of timm ViT / DeiT (``timm.layers.Attention``)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        _check_supported(attn, "Attention")
+        self.num_heads = attn.num_heads
+        self.head_dim = attn.head_dim
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.scale = attn.scale
+        self.qkv = QuantLinear(attn.qkv, "qkv")
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.attn_drop = attn.attn_drop
+        self.norm = getattr(attn, "norm", nn.Identity())
+        gate = getattr(attn, "gate", None)
+        self.gate = QuantLinear(gate, "gate") if gate is not None else None
+        self.matmul_qk = QuantMatMul("matmul_qk", attn.num_heads)
+        self.matmul_av = QuantMatMul("matmul_av", attn.num_heads)
+        self.proj = QuantLinear(attn.proj, "proj")
+        self.proj_drop = attn.proj_drop
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        if is_causal:
+            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+            attn = attn.masked_fill(~causal, float("-inf"))
+        if attn_mask is not None:
+            attn = attn + attn_mask if attn_mask.dtype != torch.bool else attn.masked_fill(~attn_mask, float("-inf"))
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul_av(attn, v)
+        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class QuantWindowAttention(nn.Module):
+    """Swin window attention (``timm.models.swin_transformer.WindowAttention``): relative
+    position bias and the shifted-window mask are added in floating point before softmax."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        _check_supported(attn, "WindowAttention")
+        self.num_heads = attn.num_heads
+        self.scale = attn.scale
+        self.window_area = attn.window_area
+        self.relative_position_bias_table = attn.relative_position_bias_table
+        self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
+        self.qkv = QuantLinear(attn.qkv, "qkv")
+        self.attn_drop = attn.attn_drop
+        self.matmul_qk = QuantMatMul("matmul_qk", attn.num_heads)
+        self.matmul_av = QuantMatMul("matmul_av", attn.num_heads)
+        self.proj = QuantLinear(attn.proj, "proj")
+        self.proj_drop = attn.proj_drop
+
+    def _rel_pos_bias(self) -> torch.Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1)
+        return bias.unsqueeze(0)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        attn = attn + self._rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = self.matmul_av(attn, v)
+        x = x.transpose(1, 2).reshape(B_, N, -1)
+        return self.proj_drop(self.proj(x))

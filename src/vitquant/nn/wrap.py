@@ -1,0 +1,95 @@
+"""timm model -> quantizable model: every op of the PTQ4ViT setting becomes a :class:`QuantOp`.
+
+Supported families: ``VisionTransformer`` (ViT, DeiT), ``VisionTransformerDistilled`` (DeiT
+distilled; timm averages its two heads at inference) and ``SwinTransformer``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from torch import nn
+
+from .attention import QuantAttention, QuantWindowAttention
+from .modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp
+
+SUPPORTED_FAMILIES = ("VisionTransformer", "VisionTransformerDistilled", "SwinTransformer")
+_BLOCK_TYPES = ("Block", "SwinTransformerBlock", "PatchMerging")
+_LINEAR_ROLES = {"fc1": "fc1", "fc2": "fc2", "head": "head", "head_dist": "head", "reduction": "reduction"}
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return any(isinstance(m, QuantOp) for m in model.modules())
+
+
+def wrap_model(model: nn.Module) -> nn.Module:
+    """Replace attention, Linear and the patch-embedding conv of a timm model by quantized ops
+    (in place; parameters are shared). Quantizers are attached later by a recipe."""
+    family = type(model).__name__
+    if family not in SUPPORTED_FAMILIES:
+        raise ValueError(f"unsupported model family {family}; vitquant supports {', '.join(SUPPORTED_FAMILIES)}")
+    if is_wrapped(model):
+        return model
+    for name, module in list(model.named_modules()):
+        cls = type(module).__name__
+        if cls == "Attention":
+            _replace(model, name, QuantAttention(module))
+        elif cls == "WindowAttention":
+            _replace(model, name, QuantWindowAttention(module))
+        elif "Attention" in cls and not isinstance(module, (QuantAttention, QuantWindowAttention)):
+            raise ValueError(f"unsupported attention module {cls} at {name}")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantOp):
+            continue
+        if isinstance(module, nn.Linear):
+            role = _LINEAR_ROLES.get(name.rpartition(".")[2], "linear")
+            _replace(model, name, QuantLinear(module, role))
+        elif isinstance(module, nn.Conv2d) and name.endswith("patch_embed.proj"):
+            _replace(model, name, QuantConv2d(module, "patch_embed"))
+    # Mark the inputs with special distributions: fc2 after GELU, attn@v after softmax.
+    for module in model.modules():
+        if all(hasattr(module, a) for a in ("fc1", "act", "fc2")) and isinstance(module.fc2, QuantLinear):
+            module.fc2.input_kind = "post_gelu" if isinstance(module.act, nn.GELU) else None
+    return model
+
+
+def quant_ops(model: nn.Module) -> list[tuple[str, QuantOp]]:
+    """All quantized ops in execution order (modules are registered in that order)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantOp)]
+
+
+def calibration_units(model: nn.Module) -> list[tuple[str, list[tuple[str, QuantOp]]]]:
+    """Quantized ops grouped by transformer block (or patch merging); other ops alone."""
+    block_names = [n for n, m in model.named_modules() if type(m).__name__ in _BLOCK_TYPES]
+    units: list[tuple[str, list]] = []
+    for name, op in quant_ops(model):
+        owner = next((b for b in block_names if name.startswith(b + ".")), name)
+        if units and units[-1][0] == owner:
+            units[-1][1].append((name, op))
+        else:
+            units.append((owner, [(name, op)]))
+    return units
+
+
+@contextlib.contextmanager
+def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the wrapped model in floating point inside the block."""
+    ops = [m for m in model.modules() if isinstance(m, QuantOp)]
+    saved = [op.quant_enabled for op in ops]
+    for op in ops:
+        op.quant_enabled = False
+    try:
+        yield model
+    finally:
+        for op, s in zip(ops, saved):
+            op.quant_enabled = s
+
+
+__all__ = ["wrap_model", "quant_ops", "calibration_units", "quantization_disabled", "is_wrapped",
+           "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantOp"]

@@ -1,0 +1,116 @@
+"""Common machinery of all fake quantizers: grouped scales and a batched candidate axis."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def grouped_scale(scale: torch.Tensor, x_shape: torch.Size, group_dim: int | None) -> tuple[torch.Tensor, tuple]:
+    """Reshape ``scale`` of shape ``[*lead, G]`` so it broadcasts against ``x`` viewed with
+    ``group_dim`` split into ``(G, size // G)``.
+
+    Returns the reshaped scale and the grouped view shape of ``x`` (without the lead dims).
+    ``group_dim=None`` means one scale for the whole tensor (``G == 1``).
+    """
+    lead = scale.shape[:-1]
+    groups = scale.shape[-1]
+    ndim = len(x_shape)
+    if group_dim is None or groups == 1:
+        return scale.reshape(*lead, *([1] * ndim)), tuple(x_shape)
+    d = group_dim % ndim
+    size = x_shape[d]
+    if size % groups:
+        raise ValueError(f"dimension {d} of size {size} cannot be split into {groups} quantization groups")
+    view = tuple(x_shape[:d]) + (groups, size // groups) + tuple(x_shape[d + 1:])
+    shape = [1] * (ndim + 1)
+    shape[d] = groups
+    return scale.reshape(*lead, *shape), view
+
+
+class Quantizer(nn.Module):
+    """A fake quantizer with one searched parameter, ``scale`` of shape ``[G]``.
+
+    Subclasses implement :meth:`_fake_quant` (values) and :meth:`_codes` (integer codes) on a
+    tensor whose grouped dimension has already been split, with a scale that broadcasts.
+    Every method accepts a scale with extra leading *candidate* dimensions, which is how the
+    search evaluates many candidates in one tensor operation.
+    """
+
+    def __init__(self, bits: int, groups: int = 1, group_dim: int | None = None):
+        super().__init__()
+        if not isinstance(bits, int) or not 2 <= bits <= 16:
+            raise ValueError(f"bit-width must be an integer in 2..16, got {bits!r}")
+        self.bits = bits
+        self.groups = groups
+        self.group_dim = group_dim if groups > 1 else None
+        self.register_buffer("scale", torch.ones(groups))
+        self.enabled = True
+        self.calibrated = False
+
+    # -- to implement -------------------------------------------------------------------------
+    def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _codes(self, x: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dequant(self, codes: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        raise NotImplementedError
+
+    def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Scale ``[G]`` from the statistics of ``x`` (the calibration data of this operand)."""
+        raise NotImplementedError
+
+    def candidates(self, x: torch.Tensor, alpha: float, beta: float, n: int) -> torch.Tensor:
+        """Candidate scales ``[C, G]``: ``D0 * (alpha + i (beta - alpha) / n)``, i = 0..n-1."""
+        base = self.initial_scale(x)
+        factors = alpha + torch.arange(n, dtype=torch.float64) * (beta - alpha) / n
+        return factors.to(base.dtype)[:, None] * base[None, :]
+
+    # -- shared -------------------------------------------------------------------------------
+    def _run(self, fn_name: str, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        scale = self.scale if scale is None else scale
+        s, view = grouped_scale(scale, x.shape, self.group_dim)
+        lead = scale.shape[:-1]
+        out = getattr(self, fn_name)(x.reshape(view), s, x.shape)
+        return out.reshape(*lead, *x.shape)
+
+    def grouped(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """A per-group buffer ``[G]`` reshaped to broadcast against the grouped view of ``shape``."""
+        return grouped_scale(t, shape, self.group_dim)[0]
+
+    def fake_quant(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantize-dequantize ``x``; with ``scale`` of shape ``[*C, G]`` the result is ``[*C, *x.shape]``."""
+        return self._run("_fake_quant", x, scale)
+
+    def quantize(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Integer codes of ``x`` (int64 tensor), see each quantizer for the code layout."""
+        return self._run("_codes", x, scale).to(torch.int64)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        """Values of integer codes produced by :meth:`quantize` with the current scale."""
+        return self._run("_dequant", codes, None)
+
+    def set_scale(self, scale: torch.Tensor) -> None:
+        self.scale.copy_(scale.reshape(self.groups).to(self.scale))
+        self.calibrated = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled or not self.calibrated:
+            return x
+        return self.fake_quant(x)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, groups={self.groups}, group_dim={self.group_dim}"
+
+
+def reduce_to_groups(x: torch.Tensor, group_dim: int | None, groups: int, op: str = "amax") -> torch.Tensor:
+    """Reduce ``|x|`` (``op='amax'``) or ``x`` (``'max'``/``'min'``) to one value per group ``[G]``."""
+    if group_dim is None or groups == 1:
+        v = x.abs() if op == "amax" else x
+        return (v.max() if op in ("amax", "max") else v.min()).reshape(1)
+    d = group_dim % x.dim()
+    g = x.movedim(d, 0).reshape(groups, -1)
+    if op == "amax":
+        return g.abs().amax(dim=1)
+    return g.amax(dim=1) if op == "max" else g.amin(dim=1)

@@ -1,0 +1,95 @@
+"""Uniform quantizer ``Psi_D(Y) = clamp(round(Y / D), qmin, qmax)`` (Eq. 8, Liu et al. 2021)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Quantizer, reduce_to_groups
+
+
+def group_percentile(x: torch.Tensor, q: float, group_dim: int | None, groups: int) -> torch.Tensor:
+    """The ``q``-th percentile (0..100) of ``|x|`` per group ``[G]``, exact (kthvalue)."""
+    if group_dim is None or groups == 1:
+        flat = x.detach().abs().reshape(1, -1)
+    else:
+        flat = x.detach().abs().movedim(group_dim % x.dim(), 0).reshape(groups, -1)
+    n = flat.shape[1]
+    k = min(n, max(1, int(round(q / 100.0 * n))))
+    return torch.stack([row.float().kthvalue(k).values for row in flat])
+
+
+class UniformQuantizer(Quantizer):
+    """Plain uniform quantizer, symmetric (no zero point) or asymmetric, signed or unsigned.
+
+    Codes: signed symmetric ``[-2^(b-1), 2^(b-1)-1]``; unsigned or asymmetric ``[0, 2^b-1]``
+    (asymmetric dequantizes ``(q - z) D`` with ``z = round(-min / D)``).
+    Initial interval ``D0 = m / (qmax + 0.5)`` with ``m = max|x|`` (``2^(b-1)-0.5`` in the
+    signed case, as PTQ4ViT) or a percentile of ``|x|``.
+    """
+
+    def __init__(self, bits: int, *, signed: bool = True, symmetric: bool = True, groups: int = 1,
+                 group_dim: int | None = None, percentile: float | None = None):
+        super().__init__(bits, groups, group_dim)
+        self.signed = signed and symmetric
+        self.symmetric = symmetric
+        self.percentile = percentile
+        if self.signed:
+            self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        else:
+            self.qmin, self.qmax = 0, 2 ** bits - 1
+        self.register_buffer("lower", torch.zeros(groups))  # group minima, asymmetric only
+
+    def _zero_point(self, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        return torch.clamp(torch.round(-self.grouped(self.lower, shape) / s), self.qmin, self.qmax)
+
+    def _codes(self, x, s, shape):
+        q = torch.round(x / s)
+        if not self.symmetric:
+            q = q + self._zero_point(s, shape)
+        return torch.clamp(q, self.qmin, self.qmax)
+
+    def _dequant(self, q, s, shape):
+        q = q.to(s.dtype)
+        if not self.symmetric:
+            q = q - self._zero_point(s, shape)
+        return q * s
+
+    def _fake_quant(self, x, s, shape):
+        return self._dequant(self._codes(x, s, shape), s, shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference path: torch's fused fake-quant kernel (same codes as :meth:`fake_quant` up
+        to ``x * (1/D)`` vs ``x / D`` at exact rounding ties)."""
+        if not self.enabled or not self.calibrated:
+            return x
+        if x.requires_grad or x.dtype != torch.float32:
+            return self.fake_quant(x)
+        if self.symmetric:
+            zp = torch.zeros(self.groups, dtype=torch.int32, device=x.device)
+        else:
+            zp = torch.clamp(torch.round(-self.lower / self.scale), self.qmin, self.qmax).to(torch.int32)
+        if self.groups == 1:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.qmin, self.qmax)
+        d = self.group_dim % x.dim()
+        rep = x.shape[d] // self.groups
+        scale, zp = self.scale.repeat_interleave(rep), zp.repeat_interleave(rep)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp, d, self.qmin, self.qmax)
+
+    def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        if not self.symmetric:
+            hi = reduce_to_groups(x, self.group_dim, self.groups, "max").clamp(min=0)
+            lo = reduce_to_groups(x, self.group_dim, self.groups, "min").clamp(max=0)
+            if self.percentile is not None:
+                hi = torch.minimum(hi, group_percentile(x.clamp(min=0), self.percentile, self.group_dim, self.groups))
+                lo = -torch.minimum(-lo, group_percentile(x.clamp(max=0), self.percentile, self.group_dim, self.groups))
+            self.lower.copy_(lo)
+            return ((hi - lo) / (self.qmax - self.qmin)).clamp(min=1e-8).float()
+        if self.percentile is not None:
+            m = group_percentile(x, self.percentile, self.group_dim, self.groups)
+        else:
+            m = reduce_to_groups(x, self.group_dim, self.groups, "amax")
+        return (m / (self.qmax + 0.5)).clamp(min=1e-8).float()
+
+    def extra_repr(self) -> str:
+        kind = "signed" if self.signed else ("unsigned" if self.symmetric else "asymmetric")
+        return super().extra_repr() + f", {kind}"

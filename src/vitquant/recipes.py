@@ -1,0 +1,176 @@
+"""Methods as recipes: typed, frozen configs that choose quantizers, objective and search.
+
+A recipe never owns a calibration loop; :func:`calibrate_op` is the one per-op step the engine
+calls, and everything in it is driven by the config.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from .calibration.objectives import NEEDS_GRAD, OBJECTIVES
+from .calibration.search import OpData, alternating_search
+from .nn.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp
+from .quantizers import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Candidate grid ``D0 * (alpha + i (beta - alpha) / n)``, i < n, searched per operand for
+    ``rounds`` alternating rounds with ``objective``."""
+    objective: Literal["mse", "cosine", "pearson", "hessian"] = "hessian"
+    alpha: float = 0.01
+    beta: float = 1.2
+    num_candidates: int = 100
+    rounds: int = 3
+    memory_budget_mb: float = 512.0
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {self.objective!r}; choose from {', '.join(OBJECTIVES)}")
+        if not 0 < self.alpha < self.beta:
+            raise ValueError(f"search range needs 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
+        if self.num_candidates < 1 or self.rounds < 1:
+            raise ValueError("num_candidates and rounds must be >= 1")
+        if self.memory_budget_mb <= 0:
+            raise ValueError("memory budget must be positive")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that defines a quantization run (recorded verbatim in result files)."""
+    method: str = "ptq4vit"
+    w_bits: int = 8
+    a_bits: int = 8
+    search: Optional[SearchConfig] = field(default_factory=SearchConfig)  # None: statistics only
+    percentile: Optional[float] = None      # activation interval from this percentile of |x|
+    softmax_twin: bool = True               # twin uniform for post-softmax (attn @ v input)
+    gelu_twin: bool = True                  # twin uniform for post-GELU (fc2 input)
+    per_head_matmul: bool = True            # matmul operands: one scale per head
+    per_channel_weights: bool = False       # Linear weights: one scale per output channel
+    signed_activations: bool = True         # symmetric signed codes for activations
+    sequential: bool = False                # calibrate on quantized inputs instead of FP inputs
+    batch_size: int = 4                     # images per forward pass while collecting data
+
+    def __post_init__(self):
+        for name in ("w_bits", "a_bits"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= 16:
+                raise ValueError(f"{name.replace('_', '-')} must be an integer in 2..16, got {v!r}")
+        if self.percentile is not None and not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise ValueError("batch size must be >= 1")
+
+    @property
+    def hessian(self) -> bool:
+        return self.search is not None and self.search.objective in NEEDS_GRAD
+
+    def replace(self, **changes) -> "QuantConfig":
+        search_changes = {k: changes.pop(k) for k in list(changes) if k in SearchConfig.__dataclass_fields__}
+        cfg = dataclasses.replace(self, **changes)
+        if search_changes:
+            if cfg.search is None:
+                raise ValueError(f"method {cfg.method!r} does not search; cannot set {', '.join(search_changes)}")
+            cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **search_changes))
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+
+
+def minmax(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
+    """Interval from the maximum of |x| on the calibration set; no search."""
+    return QuantConfig("minmax", w_bits, a_bits, search=None, softmax_twin=False, gelu_twin=False,
+                       per_head_matmul=False)
+
+
+def percentile(w_bits: int = 8, a_bits: int = 8, q: float = 99.99) -> QuantConfig:
+    """Activation interval from the ``q``-th percentile of |x|, weights from their maximum."""
+    return QuantConfig("percentile", w_bits, a_bits, search=None, percentile=q, softmax_twin=False,
+                       gelu_twin=False, per_head_matmul=False)
+
+
+def base(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
+    """BasePTQ: PTQ4ViT's search with plain uniform quantizers, cosine distance, alpha 0.5,
+    beta 1.2, one round."""
+    return QuantConfig("base", w_bits, a_bits,
+                       search=SearchConfig(objective="cosine", alpha=0.5, beta=1.2, rounds=1),
+                       softmax_twin=False, gelu_twin=False)
+
+
+def ptq4vit(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
+    """PTQ4ViT: twin uniform (softmax, GELU) and Hessian-guided search, alpha 0.01, beta 1.2,
+    100 candidates, 3 rounds."""
+    return QuantConfig("ptq4vit", w_bits, a_bits, search=SearchConfig(objective="hessian"))
+
+
+RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit}
+
+
+def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
+    """The config of ``method`` at the given bit-widths, with field overrides (ablations)."""
+    if method not in RECIPES:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(RECIPES)}")
+    cfg = RECIPES[method](w_bits, a_bits)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Quantizer choice per op (what is quantized: the PTQ4ViT setting, see README)
+
+
+def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quantizer]]:
+    def act(groups=1, group_dim=None):
+        return UniformQuantizer(cfg.a_bits, signed=cfg.signed_activations, groups=groups, group_dim=group_dim,
+                                percentile=cfg.percentile)
+
+    if isinstance(op, QuantConv2d):  # patch embedding: per output channel, input (image) not quantized
+        return {"weight": UniformQuantizer(cfg.w_bits, groups=op.out_channels, group_dim=0), "input": None}
+    if isinstance(op, QuantLinear):
+        if op.role == "qkv":
+            wq = UniformQuantizer(cfg.w_bits, groups=3, group_dim=0)
+        elif cfg.per_channel_weights:
+            wq = UniformQuantizer(cfg.w_bits, groups=op.out_features, group_dim=0)
+        else:
+            wq = UniformQuantizer(cfg.w_bits)
+        if cfg.gelu_twin and getattr(op, "input_kind", None) == "post_gelu":
+            iq = TwinGeluQuantizer(cfg.a_bits)
+        else:
+            iq = act()
+        return {"weight": wq, "input": iq}
+    if isinstance(op, QuantMatMul):
+        heads = op.num_heads if cfg.per_head_matmul else 1
+        a = TwinSoftmaxQuantizer(cfg.a_bits) if (op.role == "matmul_av" and cfg.softmax_twin) else act(heads, 1)
+        return {"a": a, "b": act(heads, 1)}
+    raise TypeError(f"no quantizer rule for {type(op).__name__}")
+
+
+def attach_quantizers(model, cfg: QuantConfig) -> None:
+    from .nn.wrap import quant_ops
+    for _, op in quant_ops(model):
+        for operand, q in build_quantizers(op, cfg).items():
+            op.set_quantizer(operand, q)
+
+
+def calibrate_op(cfg: QuantConfig):
+    """The per-op calibration step of this config: initialise every quantizer from its data,
+    then (if the recipe searches) run the alternating candidate search."""
+    def step(name: str, op: QuantOp, data: OpData) -> dict:
+        for operand, q in op.quantizers().items():
+            q.set_scale(q.initial_scale(data.operand(op, operand)))
+        op.refresh()
+        info: dict = {}
+        if cfg.search is not None:
+            s = cfg.search
+            r = alternating_search(op, data, s.objective, s.alpha, s.beta, s.num_candidates, s.rounds,
+                                   s.memory_budget_mb)
+            info.update(searches=r.searches_run, skipped=r.searches_skipped)
+        return info
+    return step
