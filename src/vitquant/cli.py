@@ -136,6 +136,7 @@ def run_quantize(args) -> dict:
     from .io import atomic_write_json
     from .models import load_model
     from .report import environment, print_summary
+    from .runtime import tune_allocator
 
     cfg = _config_from_args(args)
     if args.json:
@@ -144,6 +145,7 @@ def run_quantize(args) -> dict:
         raise VitquantError(f"--device {args.device} requested but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     progress = not args.quiet
@@ -161,12 +163,11 @@ def run_quantize(args) -> dict:
         sample = default_sample(seed=args.seed)
     if calib_dir is None:
         calib_dir = sample.image_dir
-        calib_names = sample.calib_names
     if eval_dir is None:
         eval_dir = sample.image_dir
     use_cache = not args.no_cache
-    calib = load_images(calib_dir, data_config, list_file=calib_list, limit=None, use_cache=use_cache,
-                        progress=progress, names=None if args.calib_data else calib_names)
+    calib = load_images(calib_dir, data_config, list_file=calib_list, use_cache=use_cache, progress=progress,
+                        names=None if args.calib_data else sample.calib_names)
     if len(calib) < args.num_calib:
         raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable calibration images "
                             f"in {calib_dir}")

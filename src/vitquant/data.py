@@ -81,8 +81,10 @@ def _read_labels(path: Path, classes: list[str]) -> dict[str, int]:
 
 
 def discover(root: str | Path, list_file: Optional[str | Path] = None,
-             labels_file: Optional[str | Path] = None) -> tuple[list[str], Optional[list[int]]]:
-    """Image paths (relative to ``root``) and labels (None when the layout carries none)."""
+             labels_file: Optional[str | Path] = None,
+             names_wanted: Optional[Sequence[str]] = None) -> tuple[list[str], Optional[list[int]]]:
+    """Image paths (relative to ``root``) and labels (None when the layout carries none),
+    restricted to (and ordered as) ``list_file`` or ``names_wanted`` when given."""
     root = Path(root)
     if not root.is_dir():
         raise VitquantError(f"data directory not found: {root}")
@@ -113,12 +115,13 @@ def discover(root: str | Path, list_file: Optional[str | Path] = None,
             labels = None
     if not names:
         raise VitquantError(f"no images found in {root}")
-    if list_file is not None:
-        wanted = read_list(list_file)
+    if list_file is not None or names_wanted is not None:
+        wanted = read_list(list_file) if list_file is not None else list(names_wanted)
+        source = list_file if list_file is not None else "the requested list"
         pos = {n: i for i, n in enumerate(names)}
         missing = [n for n in wanted if n not in pos]
         if missing:
-            raise VitquantError(f"{len(missing)} of {len(wanted)} files in {list_file} are not in {root} "
+            raise VitquantError(f"{len(missing)} of {len(wanted)} files in {source} are not in {root} "
                                 f"(e.g. {missing[0]})")
         idx = [pos[n] for n in wanted]
         names = [names[i] for i in idx]
@@ -195,10 +198,10 @@ class ImageSet:
 
 
 def load_images(root: str | Path, data_config: dict, *, list_file=None, labels_file=None,
-                limit: Optional[int] = None, use_cache: bool = True, workers: Optional[int] = None,
-                progress: bool = True, require_labels: bool = False) -> ImageSet:
+                names: Optional[Sequence[str]] = None, limit: Optional[int] = None, use_cache: bool = True,
+                workers: Optional[int] = None, progress: bool = True, require_labels: bool = False) -> ImageSet:
     """Discover, decode and preprocess images with the model's timm data config."""
-    names, labels = discover(root, list_file, labels_file)
+    names, labels = discover(root, list_file, labels_file, names)
     if require_labels and labels is None:
         raise VitquantError(f"images in {root} carry no labels: use root/<wnid>/ folders, <wnid>_*.JPEG "
                             "names or --labels FILE")

@@ -24,7 +24,9 @@ class SearchConfig:
     beta: float = 1.2
     num_candidates: int = 100
     rounds: int = 3
-    memory_budget_mb: float = 512.0
+    memory_budget_mb: float = 256.0
+    screen_images: int = 8      # two-stage search: score all candidates on this many images ...
+    screen_top_k: int = 8       # ... then re-score the k best on all images (0: exhaustive)
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -33,6 +35,8 @@ class SearchConfig:
             raise ValueError(f"search range needs 0 < alpha < beta, got alpha={self.alpha}, beta={self.beta}")
         if self.num_candidates < 1 or self.rounds < 1:
             raise ValueError("num_candidates and rounds must be >= 1")
+        if self.screen_images < 0 or self.screen_top_k < 0:
+            raise ValueError("screen_images and screen_top_k must be >= 0")
         if self.memory_budget_mb <= 0:
             raise ValueError("memory budget must be positive")
 
@@ -170,7 +174,7 @@ def calibrate_op(cfg: QuantConfig):
         if cfg.search is not None:
             s = cfg.search
             r = alternating_search(op, data, s.objective, s.alpha, s.beta, s.num_candidates, s.rounds,
-                                   s.memory_budget_mb)
+                                   s.memory_budget_mb, s.screen_images, s.screen_top_k)
             info.update(searches=r.searches_run, skipped=r.searches_skipped)
         return info
     return step

@@ -56,7 +56,7 @@ def evaluate_candidates(op: QuantOp, data: OpData, operand: str, candidates: tor
     total = torch.zeros(n_cand, groups, dtype=torch.float64, device=candidates.device)
     n = data.output.shape[0]
     for s0 in range(0, n, bs):
-        inputs = tuple(t[s0:s0 + bs] for t in data.inputs)
+        inputs = op.prepare_inputs(tuple(t[s0:s0 + bs] for t in data.inputs), operand)
         target = data.output[s0:s0 + bs]
         grad = None if data.grad is None else data.grad[s0:s0 + bs].float()
         for c0 in range(0, n_cand, cs):
@@ -65,6 +65,36 @@ def evaluate_candidates(op: QuantOp, data: OpData, operand: str, candidates: tor
     if groups != q.groups:  # the op's output does not separate this operand's groups
         total = total.expand(-1, q.groups)
     return total
+
+
+def _subset(data: OpData, n: int) -> OpData:
+    """``n`` calibration images evenly spread over the set (deterministic)."""
+    total = data.output.shape[0]
+    idx = torch.linspace(0, total - 1, n).round().long().to(data.output.device)
+    return OpData(tuple(t[idx] for t in data.inputs), data.output[idx],
+                  None if data.grad is None else data.grad[idx])
+
+
+def search_operand(op: QuantOp, data: OpData, operand: str, grid: torch.Tensor, objective: str,
+                   memory_budget_mb: float, screen_images: int = 0, screen_top_k: int = 0) -> tuple[torch.Tensor, float]:
+    """Best scale ``[G]`` of ``operand`` on ``grid`` ``[C, G]`` and its distance.
+
+    Exhaustive when ``screen_images`` is 0 or covers the calibration set. Otherwise two stages:
+    every candidate is scored on ``screen_images`` images, then the ``screen_top_k`` best of each
+    group are re-scored on all images and the final choice is made by that exact score.
+    """
+    n = data.output.shape[0]
+    c = grid.shape[0]
+    if not screen_images or screen_images >= n or screen_top_k >= c:
+        scores = evaluate_candidates(op, data, operand, grid, objective, memory_budget_mb)
+        idx = scores.argmin(dim=0)
+        return grid.gather(0, idx[None]).squeeze(0), float(scores.gather(0, idx[None]).sum())
+    rough = evaluate_candidates(op, _subset(data, screen_images), operand, grid, objective, memory_budget_mb)
+    top = rough.topk(screen_top_k, dim=0, largest=False).indices  # [k, G]
+    short = grid.gather(0, top)  # [k, G]: the k best of each group, groups independent
+    exact = evaluate_candidates(op, data, operand, short, objective, memory_budget_mb)
+    idx = exact.argmin(dim=0)
+    return short.gather(0, idx[None]).squeeze(0), float(exact.gather(0, idx[None]).sum())
 
 
 @dataclass
@@ -78,6 +108,7 @@ class SearchResult:
 @torch.no_grad()
 def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, beta: float,
                        num_candidates: int, rounds: int, memory_budget_mb: float,
+                       screen_images: int = 0, screen_top_k: int = 0,
                        order: Optional[tuple[str, ...]] = None) -> SearchResult:
     """Alternate over the op's operands (weight then input, or a then b): search each operand's
     scale on its candidate grid with the others fixed, for ``rounds`` rounds.
@@ -100,13 +131,11 @@ def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, 
                 skipped += 1
                 continue
             seen[name] = others
-            scores = evaluate_candidates(op, data, name, grids[name], objective, memory_budget_mb)
-            idx = scores.argmin(dim=0)  # [G]
-            new = grids[name].gather(0, idx[None]).squeeze(0)
+            new, best = search_operand(op, data, name, grids[name], objective, memory_budget_mb,
+                                       screen_images, screen_top_k)
             changed |= not torch.equal(new.to(quantizers[name].scale), quantizers[name].scale)
             quantizers[name].set_scale(new)
             op.refresh()
-            best = float(scores.gather(0, idx[None]).sum())
             run += 1
         if not changed and run:
             break

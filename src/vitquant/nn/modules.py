@@ -54,9 +54,14 @@ class QuantOp(nn.Module):
         independently, or None when every group affects every output element."""
         return None
 
+    def prepare_inputs(self, inputs: tuple, operand: str) -> tuple:
+        """Quantize the activation operands that stay fixed while ``operand`` is searched."""
+        names = [n for n in self.operand_names if n != "weight"]
+        return tuple(x if n == operand else self._q(n, x) for n, x in zip(names, inputs))
+
     def candidate_outputs(self, inputs: tuple, operand: str, scales: torch.Tensor) -> torch.Tensor:
-        """Outputs ``[C, *out]`` for candidate scales ``[C, G]`` of ``operand``, others at their
-        current scales."""
+        """Outputs ``[C, *out]`` for candidate scales ``[C, G]`` of ``operand``; ``inputs`` come
+        from :meth:`prepare_inputs` (fixed operands already quantized)."""
         raise NotImplementedError
 
 
@@ -110,8 +115,7 @@ class QuantLinear(_WeightOp):
         (x,) = inputs
         if operand == "weight":
             w = self.weight_quantizer.fake_quant(self.weight, scales)  # [C, out, in]
-            xq = self._q("input", x).reshape(-1, self.in_features)
-            y = torch.matmul(xq, w.transpose(1, 2))  # [C, rows, out]
+            y = torch.matmul(x.reshape(-1, self.in_features), w.transpose(1, 2))  # [C, rows, out]
             if self.bias is not None:
                 y += self.bias
             return y.reshape(scales.shape[0], *x.shape[:-1], self.out_features)
@@ -145,7 +149,7 @@ class QuantConv2d(_WeightOp):
         if operand == "weight":
             w = self.weight_quantizer.fake_quant(self.weight, scales)  # [C, O, I, kh, kw]
             bias = None if self.bias is None else self.bias.repeat(c)
-            y = F.conv2d(self._q("input", x), w.flatten(0, 1), bias, **self.conv_args)  # [B, C*O, H, W]
+            y = F.conv2d(x, w.flatten(0, 1), bias, **self.conv_args)  # [B, C*O, H, W]
             return y.unflatten(1, (c, self.out_channels)).transpose(0, 1)
         xq = self.input_quantizer.fake_quant(x, scales).flatten(0, 1)
         y = F.conv2d(xq, self.quantized_weight(), self.bias, **self.conv_args)
@@ -174,8 +178,8 @@ class QuantMatMul(QuantOp):
     def candidate_outputs(self, inputs, operand, scales):
         a, b = inputs
         if operand == "a":
-            return torch.matmul(self.a_quantizer.fake_quant(a, scales), self._q("b", b))
-        return torch.matmul(self._q("a", a), self.b_quantizer.fake_quant(b, scales))
+            return torch.matmul(self.a_quantizer.fake_quant(a, scales), b)
+        return torch.matmul(a, self.b_quantizer.fake_quant(b, scales))
 
     def extra_repr(self):
         return self.role

@@ -1,0 +1,30 @@
+"""Run provenance and the short result table printed by the CLI."""
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def environment() -> dict:
+    """Package versions and machine facts recorded with every result."""
+    import numpy
+    import timm
+    import torch
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(), "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def print_summary(r: dict) -> None:
+    rows = [("model", r["model"]), ("method", f"{r['method']} W{r['w_bits']}A{r['a_bits']}"),
+            ("images", f"{r['num_calib']} calibration / {r['num_eval']} evaluation"),
+            ("top-1 FP32 / quant", f"{r['fp32_top1']:.2f} / {r['quant_top1']:.2f} %  (drop {r['top1_drop']:.2f})"),
+            ("top-5 FP32 / quant", f"{r['fp32_top5']:.2f} / {r['quant_top5']:.2f} %"),
+            ("top-1 agreement", f"{r['top1_agreement']:.2f} %"),
+            ("model size", f"{r['model_size_mb']:.2f} MB (FP32 {r['fp32_model_size_mb']:.2f} MB)"),
+            ("calibration", f"{r['calib_seconds']:.1f} s"),
+            ("evaluation FP32 / quant", f"{r['fp32_eval_seconds']:.1f} / {r['eval_seconds']:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
