@@ -56,7 +56,7 @@ def wrap_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if all(hasattr(module, a) for a in ("fc1", "act", "fc2")) and isinstance(module.fc2, QuantLinear):
             module.fc2.input_kind = "post_gelu" if isinstance(module.act, nn.GELU) else None
-    return model
+    return model.train(model.training)  # new modules take the model's train/eval mode
 
 
 def quant_ops(model: nn.Module) -> list[tuple[str, QuantOp]]:

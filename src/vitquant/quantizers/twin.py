@@ -45,6 +45,18 @@ class TwinSoftmaxQuantizer(Quantizer):
         q = q.to(s.dtype)
         return torch.where(q < self.levels, q * s, (q - self.levels) * self.d2)
 
+    def forward(self, x):
+        """Inference path: two fused fake-quant passes and a select (same values as
+        :meth:`fake_quant` up to rounding ties, see ``UniformQuantizer.forward``)."""
+        if not self.enabled or not self.calibrated:
+            return x
+        if self.groups > 1 or x.requires_grad or x.dtype != torch.float32:
+            return self.fake_quant(x)
+        zero = torch.zeros(1, dtype=torch.int32, device=x.device)
+        r1 = torch.fake_quantize_per_tensor_affine(x, self.scale, zero, 0, self.levels - 1)
+        r2 = torch.fake_quantize_per_tensor_affine(x, torch.full_like(self.scale, self.d2), zero, 0, self.levels - 1)
+        return torch.where(x < self.levels * self.scale, r1, r2)
+
     def initial_scale(self, x):
         # Before the search: the split one power of two below R2 (D1 = D2 / 2).
         return torch.full((self.groups,), self.d2 / 2)
@@ -80,6 +92,17 @@ class TwinGeluQuantizer(Quantizer):
 
     def _fake_quant(self, x, s, shape):
         return self._dequant(self._codes(x, s, shape), s, shape)
+
+    def forward(self, x):
+        """Inference path: the sum of two fused fake-quant passes, each zero outside its range."""
+        if not self.enabled or not self.calibrated:
+            return x
+        if self.groups > 1 or x.requires_grad or x.dtype != torch.float32:
+            return self.fake_quant(x)
+        zero = torch.zeros(1, dtype=torch.int32, device=x.device)
+        pos = torch.fake_quantize_per_tensor_affine(x, self.scale, zero, 0, self.levels - 1)
+        neg = torch.fake_quantize_per_tensor_affine(x, torch.full_like(self.scale, self.d_neg), zero, -self.levels, 0)
+        return pos.add_(neg)
 
     def initial_scale(self, x):
         m = reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max")
