@@ -134,7 +134,7 @@ def run_quantize(args) -> dict:
     from .data import default_sample, load_images
     from .evaluate import compare, model_size_mb
     from .io import atomic_write_json
-    from .models import load_model
+    from .models import data_config_for, load_model
     from .report import environment, print_summary
     from .runtime import tune_allocator
 
@@ -154,8 +154,7 @@ def run_quantize(args) -> dict:
         raise VitquantError("--checkpoint and --random-init exclude each other")
     model, model_info = load_model(args.model, args.checkpoint, pretrained=not args.random_init,
                                    img_size=args.img_size)
-    from timm.data import resolve_data_config
-    data_config = resolve_data_config({}, model=model)
+    data_config = data_config_for(model)
 
     calib_dir, calib_list, eval_dir, eval_list = args.calib_data, args.calib_list, args.eval_data, args.eval_list
     sample = None

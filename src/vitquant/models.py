@@ -101,3 +101,14 @@ def load_model(name: str, checkpoint: Optional[str | Path] = None, *, pretrained
         model = timm.create_model(name, pretrained=False, **kwargs)
         info = {"weights": "random-init", "checkpoint": None, "weights_sha256": state_dict_hash(model)}
     return model.eval(), info
+
+
+def data_config_for(model: nn.Module) -> dict:
+    """timm's eval data config of ``model``, with the input size the model was built for (it
+    differs from the pretrained config when ``img_size`` was changed)."""
+    from timm.data import resolve_data_config
+    cfg = resolve_data_config({}, model=model)
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], *tuple(size))
+    return cfg

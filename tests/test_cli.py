@@ -1,0 +1,138 @@
+"""The CLI contract: options, JSON fields, and one clear error line for bad input."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from conftest import WNIDS, write_images
+from vitquant.cli import main
+
+MODEL = "deit_tiny_patch16_224"
+FAST = ["--img-size", "32", "--quiet", "--num-calib", "4"]
+SEARCH = ["--num-candidates", "8", "--search-rounds", "1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "deit_tiny_32.safetensors"
+    torch.manual_seed(0)
+    save_file(timm.create_model(MODEL, img_size=32).state_dict(), str(path))
+    return path
+
+
+def run(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def data_args(sample_dir):
+    img = str(sample_dir / "images")
+    return ["--calib-data", img, "--calib-list", str(sample_dir / "splits" / "calib.txt"),
+            "--eval-data", img, "--eval-list", str(sample_dir / "splits" / "eval.txt")]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "base", "ptq4vit"])
+def test_quantize_writes_the_contract_json(method, sample_dir, checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, out, err = run(["quantize", MODEL, "--method", method, "--w-bits", "6", "--a-bits", "6",
+                          "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST,
+                          "--json", str(out_json), "--seed", "0", "--device", "cpu",
+                          *(SEARCH if method in ("base", "ptq4vit") else [])], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    for key in ("model", "method", "w_bits", "a_bits", "num_calib", "num_eval", "fp32_top1", "quant_top1",
+                "top1_drop", "top1_agreement", "model_size_mb", "calib_seconds", "eval_seconds", "config"):
+        assert key in r
+    assert (r["model"], r["method"], r["w_bits"], r["num_calib"], r["num_eval"]) == (MODEL, method, 6, 4, 8)
+    assert r["top1_drop"] == pytest.approx(r["fp32_top1"] - r["quant_top1"], abs=1e-3)
+    assert r["weights"]["weights_sha256"] and r["environment"]["torch"] == torch.__version__
+    assert r["config"]["method"] == method and r["calib_data"]["names"] == r["calib_data"]["names"][:4]
+    assert r["model_size_mb"] < r["fp32_model_size_mb"]
+    assert "top-1 FP32 / quant" in out
+
+
+def test_ablation_switches_reach_the_config(sample_dir, checkpoint, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    code, _, err = run(["quantize", MODEL, "--method", "ptq4vit", "--hessian", "off", "--softmax-twin", "off",
+                        "--gelu-twin", "on", "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH,
+                        "--json", str(out_json)], capsys)
+    assert code == 0, err
+    cfg = json.loads(out_json.read_text())["config"]
+    assert cfg["search"]["objective"] == "cosine" and not cfg["softmax_twin"] and cfg["gelu_twin"]
+
+
+def test_default_data_comes_from_the_sample_env(sample_dir, checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("VITQUANT_SAMPLE_DIR", str(sample_dir))
+    out_json = tmp_path / "r.json"
+    code, _, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint), *FAST,
+                        "--json", str(out_json)], capsys)
+    assert code == 0, err
+    r = json.loads(out_json.read_text())
+    assert r["num_eval"] == 8 and r["default_data_source"].startswith("VITQUANT_SAMPLE_DIR")
+
+
+def _bad_cases(sample_dir, checkpoint, tmp_path):
+    other = tmp_path / "vit_small.safetensors"
+    save_file(timm.create_model("vit_small_patch16_224", img_size=32).state_dict(), str(other))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(checkpoint.read_bytes()[:1000])
+    (tmp_path / "empty").mkdir()
+    few = write_images(tmp_path / "few", [f"{WNIDS[0]}_1.JPEG", f"{WNIDS[1]}_2.JPEG"])
+    base = ["quantize", MODEL, "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH]
+    return {
+        "unknown model": (["quantize", "not_a_model_xyz", *FAST[:-2]], "unknown model"),
+        "mismatched checkpoint": (["quantize", MODEL, "--checkpoint", str(other), *data_args(sample_dir), *FAST],
+                                  "does not match model"),
+        "truncated checkpoint": (["quantize", MODEL, "--checkpoint", str(truncated), *data_args(sample_dir), *FAST],
+                                 "cannot read checkpoint"),
+        "missing checkpoint": (["quantize", MODEL, "--checkpoint", str(tmp_path / "nope.pt"), *FAST],
+                               "checkpoint not found"),
+        "missing data dir": (base + ["--calib-data", str(tmp_path / "missing"), "--calib-list", str(sample_dir / "splits" / "calib.txt")],
+                             "not found"),
+        "empty data dir": (["quantize", MODEL, "--checkpoint", str(checkpoint), "--calib-data", str(tmp_path / "empty"),
+                            "--eval-data", str(sample_dir / "images"), *FAST], "no images found"),
+        "bits 17": (base + ["--w-bits", "17"], "bit-width"),
+        "bits 1": (base + ["--a-bits", "1"], "bit-width"),
+        "bits non-integer": (base + ["--w-bits", "4.5"], "bit-width"),
+        "num-calib too large": (["quantize", MODEL, "--checkpoint", str(checkpoint), "--calib-data", str(few),
+                                 "--eval-data", str(few), *FAST[:-2], "--num-calib", "5"], "--num-calib 5"),
+        "unknown method": (base + ["--method", "magic"], "invalid choice"),
+    }
+
+
+def test_bad_input_gives_one_error_line_and_no_output(sample_dir, checkpoint, tmp_path, capsys):
+    cases = _bad_cases(sample_dir, checkpoint, tmp_path)
+    for name, (args, needle) in cases.items():
+        out_json = tmp_path / f"{name.replace(' ', '_')}.json"
+        code = None
+        try:
+            code = main(args + ["--json", str(out_json)])
+        except SystemExit as e:  # argparse errors
+            code = e.code
+        out, err = capsys.readouterr()
+        lines = [line for line in err.strip().splitlines() if line]
+        assert code == 2, (name, err)
+        assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], (name, err)
+        assert "Traceback" not in err and not out_json.exists(), name
+
+
+def test_unreadable_image_is_reported_not_fatal(sample_dir, checkpoint, tmp_path, capsys):
+    (sample_dir / "images" / f"{WNIDS[0]}_9.JPEG").write_bytes(b"\xff\xd8broken")
+    code, _, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint),
+                        "--calib-data", str(sample_dir / "images"), "--eval-data", str(sample_dir / "images"),
+                        *FAST], capsys)
+    assert code == 0
+    assert "warning: skipped 1 unreadable calibration images" in err
+    assert "warning: skipped 1 unreadable evaluation images" in err
+
+
+def test_console_script_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vitquant.cli", "quantize", "not_a_model_xyz"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("vitquant: error: unknown model")
+    assert "Traceback" not in r.stderr
