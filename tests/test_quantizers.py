@@ -101,18 +101,17 @@ def test_twin_gelu_negative_range_fixed_positive_range_scaled():
 @pytest.mark.parametrize("make", [
     lambda: UniformQuantizer(6), lambda: UniformQuantizer(8, groups=4, group_dim=1),
     lambda: UniformQuantizer(6, symmetric=False), lambda: TwinSoftmaxQuantizer(6), lambda: TwinGeluQuantizer(6)])
-def test_inference_path_equals_reference_formula(make):
+def test_codes_decode_to_the_fake_quantized_values_and_stay_in_b_bits(make):
     torch.manual_seed(1)
-    x = torch.rand(3, 4, 5, 16) if isinstance(make(), TwinSoftmaxQuantizer) else torch.randn(3, 4, 5, 16)
     q = make()
+    x = torch.rand(3, 4, 5, 16) if isinstance(q, TwinSoftmaxQuantizer) else torch.randn(3, 4, 5, 16)
     q.set_scale(q.initial_scale(x) * 0.7)
     if isinstance(q, TwinSoftmaxQuantizer):
         q.set_scale(torch.tensor([2.0 ** -8]))
-    fast, ref = q(x), q.fake_quant(x)
-    # x * (1/D) vs x / D may differ at an exact rounding tie: at most one step on a few elements
-    differ = (fast != ref).float().mean().item()
-    assert differ < 1e-3
-    assert torch.allclose(fast, ref, atol=float(q.scale.max()) + 1e-6)
+    codes = q.quantize(x)
+    assert torch.equal(q.dequantize(codes), q(x))
+    assert codes.unique().numel() <= 2 ** q.bits
+    assert int(codes.max()) - int(codes.min()) < 2 ** q.bits
 
 
 @pytest.mark.parametrize("bits", [0, 1, 17, 4.5])

@@ -29,13 +29,13 @@ class TwinSoftmaxQuantizer(Quantizer):
 
     def _split(self, x, s):
         in_r1 = x < self.levels * s
-        v1 = torch.clamp(torch.round(x / s), 0, self.levels - 1)
-        v2 = torch.clamp(torch.round(x / self.d2), 0, self.levels - 1)
+        v1 = (x / s).round_().clamp_(0, self.levels - 1)
+        v2 = (x / self.d2).round_().clamp_(0, self.levels - 1)
         return in_r1, v1, v2
 
     def _fake_quant(self, x, s, shape):
         in_r1, v1, v2 = self._split(x, s)
-        return torch.where(in_r1, v1 * s, v2 * self.d2)
+        return torch.where(in_r1, v1.mul_(s), v2.mul_(self.d2))
 
     def _codes(self, x, s, shape):
         in_r1, v1, v2 = self._split(x, s)
@@ -44,18 +44,6 @@ class TwinSoftmaxQuantizer(Quantizer):
     def _dequant(self, q, s, shape):
         q = q.to(s.dtype)
         return torch.where(q < self.levels, q * s, (q - self.levels) * self.d2)
-
-    def forward(self, x):
-        """Inference path: two fused fake-quant passes and a select (same values as
-        :meth:`fake_quant` up to rounding ties, see ``UniformQuantizer.forward``)."""
-        if not self.enabled or not self.calibrated:
-            return x
-        if self.groups > 1 or x.requires_grad or x.dtype != torch.float32:
-            return self.fake_quant(x)
-        zero = torch.zeros(1, dtype=torch.int32, device=x.device)
-        r1 = torch.fake_quantize_per_tensor_affine(x, self.scale, zero, 0, self.levels - 1)
-        r2 = torch.fake_quantize_per_tensor_affine(x, torch.full_like(self.scale, self.d2), zero, 0, self.levels - 1)
-        return torch.where(x < self.levels * self.scale, r1, r2)
 
     def initial_scale(self, x):
         # Before the search: the split one power of two below R2 (D1 = D2 / 2).
@@ -82,27 +70,17 @@ class TwinGeluQuantizer(Quantizer):
         self.d_neg = GELU_MIN / self.levels
 
     def _codes(self, x, s, shape):
-        pos = torch.clamp(torch.round(x / s), 0, self.levels - 1)
-        neg = torch.clamp(torch.round(x / self.d_neg), -self.levels, 0)
-        return torch.where(x >= 0, pos, neg)
+        # Each range's codes are 0 outside it (clamped at 0), so the sum selects by sign.
+        pos = (x / s).round_().clamp_(0, self.levels - 1)
+        return pos.add_((x / self.d_neg).round_().clamp_(-self.levels, 0))
 
     def _dequant(self, q, s, shape):
         q = q.to(s.dtype)
         return torch.where(q >= 0, q * s, q * self.d_neg)
 
     def _fake_quant(self, x, s, shape):
-        return self._dequant(self._codes(x, s, shape), s, shape)
-
-    def forward(self, x):
-        """Inference path: the sum of two fused fake-quant passes, each zero outside its range."""
-        if not self.enabled or not self.calibrated:
-            return x
-        if self.groups > 1 or x.requires_grad or x.dtype != torch.float32:
-            return self.fake_quant(x)
-        zero = torch.zeros(1, dtype=torch.int32, device=x.device)
-        pos = torch.fake_quantize_per_tensor_affine(x, self.scale, zero, 0, self.levels - 1)
-        neg = torch.fake_quantize_per_tensor_affine(x, torch.full_like(self.scale, self.d_neg), zero, -self.levels, 0)
-        return pos.add_(neg)
+        pos = (x / s).round_().clamp_(0, self.levels - 1).mul_(s)
+        return pos.add_((x / self.d_neg).round_().clamp_(-self.levels, 0).mul_(self.d_neg))
 
     def initial_scale(self, x):
         m = reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max")

@@ -42,37 +42,19 @@ class UniformQuantizer(Quantizer):
         return torch.clamp(torch.round(-self.grouped(self.lower, shape) / s), self.qmin, self.qmax)
 
     def _codes(self, x, s, shape):
-        q = torch.round(x / s)
+        q = (x / s).round_()  # one new tensor, then in place: this is also the inference path
         if not self.symmetric:
-            q = q + self._zero_point(s, shape)
-        return torch.clamp(q, self.qmin, self.qmax)
+            q += self._zero_point(s, shape)
+        return q.clamp_(self.qmin, self.qmax)
 
-    def _dequant(self, q, s, shape):
-        q = q.to(s.dtype)
+    def _dequant(self, q, s, shape, inplace=False):
+        q = q if inplace else q.to(s.dtype, copy=True)
         if not self.symmetric:
-            q = q - self._zero_point(s, shape)
-        return q * s
+            q -= self._zero_point(s, shape)
+        return q.mul_(s)
 
     def _fake_quant(self, x, s, shape):
-        return self._dequant(self._codes(x, s, shape), s, shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Inference path: torch's fused fake-quant kernel (same codes as :meth:`fake_quant` up
-        to ``x * (1/D)`` vs ``x / D`` at exact rounding ties)."""
-        if not self.enabled or not self.calibrated:
-            return x
-        if x.requires_grad or x.dtype != torch.float32:
-            return self.fake_quant(x)
-        if self.symmetric:
-            zp = torch.zeros(self.groups, dtype=torch.int32, device=x.device)
-        else:
-            zp = torch.clamp(torch.round(-self.lower / self.scale), self.qmin, self.qmax).to(torch.int32)
-        if self.groups == 1:
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, zp, self.qmin, self.qmax)
-        d = self.group_dim % x.dim()
-        rep = x.shape[d] // self.groups
-        scale, zp = self.scale.repeat_interleave(rep), zp.repeat_interleave(rep)
-        return torch.fake_quantize_per_channel_affine(x, scale, zp, d, self.qmin, self.qmax)
+        return self._dequant(self._codes(x, s, shape), s, shape, inplace=True)
 
     def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
