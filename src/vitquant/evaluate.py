@@ -47,12 +47,16 @@ class Comparison:
 
 
 def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
-            progress: bool = True) -> Comparison:
-    """Evaluate a wrapped model with quantization off (FP32) and on, on the same images."""
+            progress: bool = True, fp32: tuple[torch.Tensor, float] | None = None) -> Comparison:
+    """Evaluate a wrapped model with quantization off (FP32) and on, on the same images.
+    ``fp32``: FP32 (top-5, seconds) from an earlier call, to evaluate FP32 once for many runs."""
     if images.labels is None:
         raise ValueError("evaluation images need labels")
-    with quantization_disabled(model):
-        fp, fp_s = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
+    if fp32 is not None:
+        fp, fp_s = fp32
+    else:
+        with quantization_disabled(model):
+            fp, fp_s = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
     q, q_s = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
     labels = images.labels
     f1, f5 = topk_accuracy(fp, labels)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 
 def _dims_except(ndim: int, keep: tuple[int, ...]) -> list[int]:
@@ -51,11 +50,15 @@ def hessian(y, target, grad, group_dim, groups):
 
 
 def _cos(a, b):
-    return F.cosine_similarity(a, b.expand_as(a), dim=-1, eps=1e-12)
+    """Cosine similarity along the last dim; ``b`` broadcasts over ``a``'s candidate dim."""
+    dot = torch.linalg.vecdot(a, b)
+    norms = torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)
+    return dot / norms.clamp_min(1e-12)
 
 
 def _pearson(a, b):
-    return _cos(a - a.mean(-1, keepdim=True), b - b.mean(-1, keepdim=True))
+    """Pearson correlation along the last dim (``a`` is a fresh tensor, centred in place)."""
+    return _cos(a.sub_(a.mean(-1, keepdim=True)), b - b.mean(-1, keepdim=True))
 
 
 def cosine(y, target, grad, group_dim, groups):
