@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--num-candidates", type=_positive_int, help="candidates per search")
     a.add_argument("--alpha", type=_positive_float, help="candidate range start (x D0)")
     a.add_argument("--beta", type=_positive_float, help="candidate range end (x D0)")
+    a.add_argument("--screen-images", type=int, metavar="N",
+                   help="two-stage search: score all candidates on N images first (0: exhaustive search)")
+    a.add_argument("--screen-top-k", type=_positive_int, metavar="K", help="candidates re-scored on all images")
     a.add_argument("--percentile", type=_positive_float, help="activation percentile (percentile method)")
     a.add_argument("--per-channel-weights", action="store_true", help="one weight scale per output channel")
     a.add_argument("--sequential", action="store_true", help="calibrate on quantized inputs (default: FP inputs)")
@@ -111,7 +114,8 @@ def _config_from_args(args):
     overrides = dict(softmax_twin=args.softmax_twin, gelu_twin=args.gelu_twin, rounds=args.search_rounds,
                      num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
                      memory_budget_mb=args.search_memory_mb, percentile=args.percentile,
-                     objective=args.objective)
+                     objective=args.objective, screen_images=args.screen_images,
+                     screen_top_k=args.screen_top_k)
     if args.hessian is not None:
         if args.objective is not None:
             raise VitquantError("--hessian and --objective both set the objective; give only one")

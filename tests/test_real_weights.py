@@ -1,0 +1,42 @@
+"""Real-weight accuracy (slow: minutes). Run with ``python -m pytest -m slow``.
+
+DeiT-Tiny with the shared ImageNet-1k weights, 32 calibration images of ``splits/calib.txt``,
+evaluation on ``splits/eval.txt`` (FP32 80.05 %).
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vitquant.cli import main
+
+SHARED = Path(os.environ.get("VITQUANT_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+CKPT = SHARED / "models" / "deit_tiny_patch16_224.safetensors"
+SAMPLE = SHARED / "data" / "imagenet-sample"
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CKPT.is_file(), reason="shared DeiT-Tiny weights not available")]
+
+
+def quantize(method, bits, tmp_path):
+    out = tmp_path / f"{method}{bits}.json"
+    code = main(["quantize", "deit_tiny_patch16_224", "--method", method, "--w-bits", str(bits), "--a-bits",
+                 str(bits), "--checkpoint", str(CKPT), "--calib-data", str(SAMPLE / "images"),
+                 "--calib-list", str(SAMPLE / "splits" / "calib.txt"), "--eval-data", str(SAMPLE / "images"),
+                 "--eval-list", str(SAMPLE / "splits" / "eval.txt"), "--quiet", "--json", str(out)])
+    assert code == 0
+    return json.loads(out.read_text())
+
+
+def test_fp32_reference_and_ptq4vit_w8a8_drop(tmp_path):
+    r = quantize("ptq4vit", 8, tmp_path)
+    assert r["fp32_top1"] == pytest.approx(80.05, abs=0.01)  # 698 / 872, the shared README's figure
+    assert r["top1_drop"] <= 0.5
+
+
+def test_ptq4vit_w6a6_beats_baseptq_w6a6(tmp_path):
+    ptq4vit = quantize("ptq4vit", 6, tmp_path)
+    base = quantize("base", 6, tmp_path)
+    assert ptq4vit["top1_drop"] <= 2.5
+    assert base["quant_top1"] < ptq4vit["quant_top1"]
