@@ -24,24 +24,21 @@ def _bits(v: str) -> int:
     return b
 
 
-def _positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
+def _positive(kind):
+    """argparse type: a positive ``kind`` (int or float) with a one-line error otherwise."""
+    def parse(v: str):
+        try:
+            x = kind(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {v!r}") from None
+        if not x > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {x}")
+        return x
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
-def _positive_float(v: str) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {x}")
-    return x
+_positive_int, _positive_float = _positive(int), _positive(float)
 
 
 def _on_off(v: str) -> bool:

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES
 from .calibration.search import OpData, alternating_search
 from .nn.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp
+from .nn.wrap import quant_ops
 from .quantizers import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
 
 
@@ -157,7 +158,7 @@ def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quanti
 
 
 def attach_quantizers(model, cfg: QuantConfig) -> None:
-    from .nn.wrap import quant_ops
+    """Give every quantized op of a wrapped model the quantizers ``cfg`` chooses."""
     for _, op in quant_ops(model):
         for operand, q in build_quantizers(op, cfg).items():
             op.set_quantizer(operand, q)
@@ -175,6 +176,7 @@ def calibrate_op(cfg: QuantConfig):
             s = cfg.search
             r = alternating_search(op, data, s.objective, s.alpha, s.beta, s.num_candidates, s.rounds,
                                    s.memory_budget_mb, s.screen_images, s.screen_top_k)
-            info.update(searches=r.searches_run, skipped=r.searches_skipped)
+            info.update(rounds=r.rounds_run, searches=r.searches_run, skipped=r.searches_skipped,
+                        distance=r.best_distance)
         return info
     return step

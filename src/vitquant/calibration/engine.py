@@ -68,27 +68,28 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
 
 def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[str, QuantOp]],
                       batch_size: int, quantized_inputs: bool) -> dict[str, OpData]:
-    """FP inputs and outputs of ``ops`` on the calibration images. The forward pass stops after
-    the last op. With ``quantized_inputs`` the inputs come from the model with the already
-    calibrated ops quantized (the targets are still the FP model's outputs)."""
-    names = [n for n, _ in ops]
-    last = names[-1]
-    store: dict[str, dict] = {n: {"inputs": [], "output": []} for n in names}
+    """Inputs and FP outputs of ``ops`` (one calibration unit) on the calibration images; each
+    forward pass stops after the unit's last op.
 
-    def run(kind: str, fp: bool):
+    With ``quantized_inputs`` ("sequential" mode) the inputs come from the model in which every
+    earlier, already calibrated unit is quantized; the targets are still the FP model's outputs.
+    """
+    names = [n for n, _ in ops]
+    store = {n: {"inputs": [], "output": []} for n in names}
+
+    def forward(fp: bool, inputs: bool, output: bool) -> None:
         def hook_for(name):
-            def fn(module, args, output):
-                if kind == "inputs" or kind == "both":
+            def fn(module, args, out):
+                if inputs:
                     store[name]["inputs"].append(tuple(a.detach().contiguous() for a in args))
-                if kind == "output" or kind == "both":
-                    store[name]["output"].append(output.detach())
-                if name == last:
+                if output:
+                    store[name]["output"].append(out.detach())
+                if name == names[-1]:
                     raise _StopForward
             return fn
         handles = [op.register_forward_hook(hook_for(n)) for n, op in ops]
         try:
-            ctx = quantization_disabled(model) if fp else contextlib.nullcontext()
-            with ctx, torch.no_grad():
+            with (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
                 for batch in _batches(images, batch_size):
                     try:
                         model(batch)
@@ -99,16 +100,12 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
                 h.remove()
 
     if quantized_inputs:
-        run("output", fp=True)
-        run("inputs", fp=False)
+        forward(fp=True, inputs=False, output=True)
+        forward(fp=False, inputs=True, output=False)
     else:
-        run("both", fp=True)
-    result = {}
-    for n in names:
-        ins = store[n]["inputs"]
-        result[n] = OpData(inputs=tuple(torch.cat(parts) for parts in zip(*ins)),
-                           output=torch.cat(store[n]["output"]))
-    return result
+        forward(fp=True, inputs=True, output=True)
+    return {n: OpData(inputs=tuple(torch.cat(parts) for parts in zip(*store[n]["inputs"])),
+                      output=torch.cat(store[n]["output"])) for n in names}
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],

@@ -121,9 +121,10 @@ def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, 
     grids = {name: quantizers[name].candidates(data.operand(op, name), alpha, beta, num_candidates)
              .to(data.output.device) for name in order}
     seen: dict[str, list] = {}
-    run = skipped = 0
+    run = skipped = rounds_run = 0
     best = float("nan")
     for _ in range(rounds):
+        rounds_run += 1
         changed = False
         for name in order:
             others = [quantizers[o].scale.clone() for o in order if o != name]
@@ -139,5 +140,4 @@ def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, 
             run += 1
         if not changed and run:
             break
-    return SearchResult(rounds_run=_ + 1 if rounds else 0, searches_run=run, searches_skipped=skipped,
-                        best_distance=best)
+    return SearchResult(rounds_run=rounds_run, searches_run=run, searches_skipped=skipped, best_distance=best)
