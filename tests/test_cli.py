@@ -136,3 +136,14 @@ def test_console_script_entry_point(tmp_path):
                        text=True)
     assert r.returncode == 2 and r.stderr.strip().startswith("vitquant: error: unknown model")
     assert "Traceback" not in r.stderr
+
+
+def test_torch_checkpoint_in_a_training_wrapper_loads_with_its_hash(tmp_path):
+    from vitquant.models import load_model, sha256_file
+    torch.manual_seed(1)
+    ref = timm.create_model(MODEL, img_size=32)
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": ref.state_dict(), "epoch": 3}, path)
+    model, info = load_model(MODEL, path, img_size=32)
+    assert info["weights_sha256"] == sha256_file(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
