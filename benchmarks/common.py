@@ -27,10 +27,10 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 
 def setup(threads: int) -> None:
-    from vitquant.runtime import tune_allocator
+    from vitquant.runtime import tune_runtime
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    tune_allocator()
+    tune_runtime()
 
 
 def load_data(model, sample: str, num_calib: int, num_eval: int | None, progress: bool = False):

@@ -137,7 +137,7 @@ def run_quantize(args) -> dict:
     from .io import atomic_write_json
     from .models import data_config_for, load_model
     from .report import environment, print_summary
-    from .runtime import tune_allocator
+    from .runtime import tune_runtime
 
     cfg = _config_from_args(args)
     if args.json:
@@ -146,7 +146,7 @@ def run_quantize(args) -> dict:
         raise VitquantError(f"--device {args.device} requested but CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune_allocator()
+    tune_runtime()
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     progress = not args.quiet

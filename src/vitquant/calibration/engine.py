@@ -38,17 +38,36 @@ def _batches(images: torch.Tensor, batch_size: int):
         yield images[i:i + batch_size]
 
 
+class _Rows:
+    """Collects per-batch tensors into one preallocated tensor (no concatenation copy, so peak
+    memory is the result's size, not twice it). A batch of ``n`` images may hold ``k * n`` rows
+    (Swin folds its windows into the batch dimension)."""
+
+    def __init__(self, images: int, dtype: torch.dtype | None = None):
+        self.images, self.dtype, self.data, self.filled = images, dtype, None, 0
+
+    def add(self, t: torch.Tensor, batch_images: int) -> None:
+        if self.data is None:
+            rows = self.images * (t.shape[0] // batch_images)
+            self.data = torch.empty((rows, *t.shape[1:]), dtype=self.dtype or t.dtype, device=t.device)
+        self.data[self.filled:self.filled + t.shape[0]].copy_(t)
+        self.filled += t.shape[0]
+
+
 def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                       dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """``dL/dO`` of every quantized op's output, ``L = CE(logits, argmax logits)`` summed over
     images, through the FP model (quantization off). Stored in ``dtype`` to save memory."""
-    grads: dict[str, list] = {}
+    grads: dict[str, _Rows] = {}
     handles = []
+    batch_images = [0]
 
     def hook(name):
         def fn(module, args, output):
             if output.requires_grad:
-                output.register_hook(lambda g: grads.setdefault(name, []).append(g.detach().to(dtype)))
+                rows = grads.setdefault(name, _Rows(images.shape[0], dtype))
+                n = batch_images[0]
+                output.register_hook(lambda g: rows.add(g.detach(), n))
         return fn
 
     for name, op in quant_ops(model):
@@ -56,6 +75,7 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
     try:
         with quantization_disabled(model), torch.enable_grad():
             for batch in _batches(images, batch_size):
+                batch_images[0] = batch.shape[0]
                 logits = model(batch)
                 loss = nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
                 loss.backward()
@@ -63,7 +83,7 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
     finally:
         for h in handles:
             h.remove()
-    return {k: torch.cat(v) for k, v in grads.items()}
+    return {k: v.data for k, v in grads.items()}
 
 
 def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[str, QuantOp]],
@@ -75,15 +95,19 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
     earlier, already calibrated unit is quantized; the targets are still the FP model's outputs.
     """
     names = [n for n, _ in ops]
-    store = {n: {"inputs": [], "output": []} for n in names}
+    n_images = images.shape[0]
+    inputs_of: dict[str, list[_Rows]] = {}
+    output_of = {n: _Rows(n_images) for n in names}
+    batch_images = [0]
 
     def forward(fp: bool, inputs: bool, output: bool) -> None:
         def hook_for(name):
             def fn(module, args, out):
                 if inputs:
-                    store[name]["inputs"].append(tuple(a.detach().contiguous() for a in args))
+                    for rows, a in zip(inputs_of.setdefault(name, [_Rows(n_images) for _ in args]), args):
+                        rows.add(a.detach(), batch_images[0])
                 if output:
-                    store[name]["output"].append(out.detach())
+                    output_of[name].add(out.detach(), batch_images[0])
                 if name == names[-1]:
                     raise _StopForward
             return fn
@@ -91,6 +115,7 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
         try:
             with (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
                 for batch in _batches(images, batch_size):
+                    batch_images[0] = batch.shape[0]
                     try:
                         model(batch)
                     except _StopForward:
@@ -104,8 +129,7 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
         forward(fp=False, inputs=True, output=False)
     else:
         forward(fp=True, inputs=True, output=True)
-    return {n: OpData(inputs=tuple(torch.cat(parts) for parts in zip(*store[n]["inputs"])),
-                      output=torch.cat(store[n]["output"])) for n in names}
+    return {n: OpData(inputs=tuple(r.data for r in inputs_of[n]), output=output_of[n].data) for n in names}
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
