@@ -123,3 +123,22 @@ def test_impossible_bit_widths_rejected(bits):
 def test_uncalibrated_quantizer_is_identity():
     x = torch.randn(10)
     assert torch.equal(UniformQuantizer(4)(x), x)
+
+
+def test_twin_fake_quant_is_bitwise_the_two_range_definition():
+    """The fast formulations equal 'quantize with both intervals, select by range' exactly."""
+    torch.manual_seed(2)
+    a = torch.rand(4, 3, 50, 50) ** 4  # many tiny post-softmax-like values
+    sm = calibrated(TwinSoftmaxQuantizer(6), [2.0 ** -9])
+    s, L, d2 = sm.scale, sm.levels, sm.d2
+    ref = torch.where(a < L * s, torch.clamp(torch.round(a / s), 0, L - 1) * s,
+                      torch.clamp(torch.round(a / d2), 0, L - 1) * d2)
+    assert torch.equal(sm(a), ref)
+    cands = torch.tensor([[2.0 ** -7], [2.0 ** -12]])
+    assert torch.equal(sm.fake_quant(a, cands)[1], calibrated(sm, cands[1]).fake_quant(a))
+    g = torch.nn.functional.gelu(torch.randn(4, 50, 64) * 3)
+    gq = calibrated(TwinGeluQuantizer(6), [0.037])
+    s, L, dn = gq.scale, gq.levels, gq.d_neg
+    ref = torch.where(g >= 0, torch.clamp(torch.round(g / s), 0, L - 1) * s,
+                      torch.clamp(torch.round(g / dn), -L, 0) * dn)
+    assert torch.equal(gq(g), ref)
