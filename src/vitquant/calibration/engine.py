@@ -54,12 +54,22 @@ class _Rows:
         self.filled += t.shape[0]
 
 
+@contextlib.contextmanager
+def _forward_hooks(ops: list[tuple[str, QuantOp]], make_hook):
+    """Register ``make_hook(name)`` on every op for the duration of the block."""
+    handles = [op.register_forward_hook(make_hook(name)) for name, op in ops]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                       dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """``dL/dO`` of every quantized op's output, ``L = CE(logits, argmax logits)`` summed over
     images, through the FP model (quantization off). Stored in ``dtype`` to save memory."""
     grads: dict[str, _Rows] = {}
-    handles = []
     batch_images = [0]
 
     def hook(name):
@@ -70,19 +80,13 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                 output.register_hook(lambda g: rows.add(g.detach(), n))
         return fn
 
-    for name, op in quant_ops(model):
-        handles.append(op.register_forward_hook(hook(name)))
-    try:
-        with quantization_disabled(model), torch.enable_grad():
-            for batch in _batches(images, batch_size):
-                batch_images[0] = batch.shape[0]
-                logits = model(batch)
-                loss = nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
-                loss.backward()
-        model.zero_grad(set_to_none=True)
-    finally:
-        for h in handles:
-            h.remove()
+    with _forward_hooks(quant_ops(model), hook), quantization_disabled(model), torch.enable_grad():
+        for batch in _batches(images, batch_size):
+            batch_images[0] = batch.shape[0]
+            logits = model(batch)
+            loss = nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
+            loss.backward()
+    model.zero_grad(set_to_none=True)
     return {k: v.data for k, v in grads.items()}
 
 
@@ -111,18 +115,14 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
                 if name == names[-1]:
                     raise _StopForward
             return fn
-        handles = [op.register_forward_hook(hook_for(n)) for n, op in ops]
-        try:
-            with (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
-                for batch in _batches(images, batch_size):
-                    batch_images[0] = batch.shape[0]
-                    try:
-                        model(batch)
-                    except _StopForward:
-                        pass
-        finally:
-            for h in handles:
-                h.remove()
+        with _forward_hooks(ops, hook_for), \
+                (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
+            for batch in _batches(images, batch_size):
+                batch_images[0] = batch.shape[0]
+                try:
+                    model(batch)
+                except _StopForward:
+                    pass
 
     if quantized_inputs:
         forward(fp=True, inputs=False, output=True)

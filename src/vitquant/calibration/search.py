@@ -75,6 +75,12 @@ def _subset(data: OpData, n: int) -> OpData:
                   None if data.grad is None else data.grad[idx])
 
 
+def _best(grid: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The lowest-distance scale of each group ``[G]`` and the summed distance of the choice."""
+    idx = scores.argmin(dim=0)[None]
+    return grid.gather(0, idx).squeeze(0), float(scores.gather(0, idx).sum())
+
+
 def search_operand(op: QuantOp, data: OpData, operand: str, grid: torch.Tensor, objective: str,
                    memory_budget_mb: float, screen_images: int = 0, screen_top_k: int = 0) -> tuple[torch.Tensor, float]:
     """Best scale ``[G]`` of ``operand`` on ``grid`` ``[C, G]`` and its distance.
@@ -86,15 +92,11 @@ def search_operand(op: QuantOp, data: OpData, operand: str, grid: torch.Tensor, 
     n = data.output.shape[0]
     c = grid.shape[0]
     if not screen_images or screen_images >= n or screen_top_k >= c:
-        scores = evaluate_candidates(op, data, operand, grid, objective, memory_budget_mb)
-        idx = scores.argmin(dim=0)
-        return grid.gather(0, idx[None]).squeeze(0), float(scores.gather(0, idx[None]).sum())
+        return _best(grid, evaluate_candidates(op, data, operand, grid, objective, memory_budget_mb))
     rough = evaluate_candidates(op, _subset(data, screen_images), operand, grid, objective, memory_budget_mb)
     top = rough.topk(screen_top_k, dim=0, largest=False).indices  # [k, G]
     short = grid.gather(0, top)  # [k, G]: the k best of each group, groups independent
-    exact = evaluate_candidates(op, data, operand, short, objective, memory_budget_mb)
-    idx = exact.argmin(dim=0)
-    return short.gather(0, idx[None]).squeeze(0), float(exact.gather(0, idx[None]).sum())
+    return _best(short, evaluate_candidates(op, data, operand, short, objective, memory_budget_mb))
 
 
 @dataclass

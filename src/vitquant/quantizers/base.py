@@ -104,13 +104,16 @@ class Quantizer(nn.Module):
         return f"bits={self.bits}, groups={self.groups}, group_dim={self.group_dim}"
 
 
+def group_rows(x: torch.Tensor, group_dim: int | None, groups: int) -> torch.Tensor:
+    """``x`` as ``[G, n]``: one row holding every element of each scale group."""
+    if group_dim is None or groups == 1:
+        return x.reshape(1, -1)
+    return x.movedim(group_dim % x.dim(), 0).reshape(groups, -1)
+
+
 def reduce_to_groups(x: torch.Tensor, group_dim: int | None, groups: int, op: str = "amax") -> torch.Tensor:
     """Reduce ``|x|`` (``op='amax'``) or ``x`` (``'max'``/``'min'``) to one value per group ``[G]``."""
-    if group_dim is None or groups == 1:
-        v = x.abs() if op == "amax" else x
-        return (v.max() if op in ("amax", "max") else v.min()).reshape(1)
-    d = group_dim % x.dim()
-    g = x.movedim(d, 0).reshape(groups, -1)
+    g = group_rows(x, group_dim, groups)
     if op == "amax":
         return g.abs().amax(dim=1)
     return g.amax(dim=1) if op == "max" else g.amin(dim=1)

@@ -69,18 +69,24 @@ class TwinGeluQuantizer(Quantizer):
         self.levels = 2 ** (bits - 1)
         self.d_neg = GELU_MIN / self.levels
 
-    def _codes(self, x, s, shape):
-        # Each range's codes are 0 outside it (clamped at 0), so the sum selects by sign.
+    def _split(self, x, s):
+        """Codes in R2 and in R1; each is 0 outside its range (clamped at 0), so their sum
+        selects by sign."""
         pos = (x / s).round_().clamp_(0, self.levels - 1)
-        return pos.add_((x / self.d_neg).round_().clamp_(-self.levels, 0))
+        neg = (x / self.d_neg).round_().clamp_(-self.levels, 0)
+        return pos, neg
+
+    def _codes(self, x, s, shape):
+        pos, neg = self._split(x, s)
+        return pos.add_(neg)
 
     def _dequant(self, q, s, shape):
         q = q.to(s.dtype)
         return torch.where(q >= 0, q * s, q * self.d_neg)
 
     def _fake_quant(self, x, s, shape):
-        pos = (x / s).round_().clamp_(0, self.levels - 1).mul_(s)
-        return pos.add_((x / self.d_neg).round_().clamp_(-self.levels, 0).mul_(self.d_neg))
+        pos, neg = self._split(x, s)
+        return pos.mul_(s).add_(neg.mul_(self.d_neg))
 
     def initial_scale(self, x):
         m = reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max")

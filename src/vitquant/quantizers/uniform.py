@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from .base import Quantizer, reduce_to_groups
+from .base import Quantizer, group_rows, reduce_to_groups
 
 
 def group_percentile(x: torch.Tensor, q: float, group_dim: int | None, groups: int) -> torch.Tensor:
     """The ``q``-th percentile (0..100) of ``|x|`` per group ``[G]``, exact (kthvalue)."""
-    if group_dim is None or groups == 1:
-        flat = x.detach().abs().reshape(1, -1)
-    else:
-        flat = x.detach().abs().movedim(group_dim % x.dim(), 0).reshape(groups, -1)
+    flat = group_rows(x.detach().abs(), group_dim, groups)
     n = flat.shape[1]
     k = min(n, max(1, int(round(q / 100.0 * n))))
     return torch.stack([row.float().kthvalue(k).values for row in flat])
