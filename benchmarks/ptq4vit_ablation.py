@@ -44,7 +44,7 @@ def main():
     wrap_model(model)
     with quantization_disabled(model):
         fp32 = predict_top5(model, evalset, progress=False)
-    fp_top1 = topk_accuracy(fp32[0], evalset.labels)[0]
+    fp_top1 = topk_accuracy(fp32.top5, evalset.labels)[0]
     log(f"FP32 top-1 {fp_top1:.2f} on {len(evalset)} images")
     results = []
     out = f"{args.out}/ablation"

@@ -29,8 +29,9 @@ def naive(name, y, t, g, group_dim, groups):
                 v = ((gc * (yc - tc)) ** 2).sum()
             elif name == "cosine":
                 v = -F.cosine_similarity(yc, tc, dim=-1).sum()
-            else:
-                v = -F.cosine_similarity(yc - yc.mean(-1, keepdim=True), tc - tc.mean(-1, keepdim=True), dim=-1).sum()
+            else:  # Pearson of each sample's whole (group) output, Eq. (12) of Liu et al. 2021
+                v = -sum(torch.corrcoef(torch.stack([yc[i].flatten(), tc[i].flatten()]))[0, 1]
+                         for i in range(yc.shape[0]))
             out[c, k] = v
     return out
 

@@ -8,7 +8,9 @@ from torch import nn
 
 from .calibration.engine import CalibrationReport, calibrate
 from .data import ImageSet
-from .nn.wrap import is_wrapped, wrap_model
+from .evaluate import model_size_mb
+from .mixed_precision import choose_bits, restore, snapshot
+from .nn.wrap import is_wrapped, quant_modules, quant_ops, wrap_model
 from .recipes import QuantConfig, attach_quantizers, calibrate_op, get_recipe
 
 
@@ -35,8 +37,49 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     if not is_wrapped(model):
         wrap_model(model)
     model.eval()
+    if cfg.mixed_precision is not None:
+        return model, _quantize_mixed(model, images, cfg, device, progress)
     attach_quantizers(model, cfg)
     model.to(device)
     report = calibrate(model, images, calibrate_op(cfg), need_grad=cfg.hessian, batch_size=cfg.batch_size,
                        sequential=cfg.sequential, progress=progress)
     return model, report
+
+
+def _quantize_mixed(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, device, progress: bool) -> CalibrationReport:
+    """Mixed precision (Liu et al. 2021, Sec. 3.3): calibrate at every candidate bit-width with the
+    shared engine, then choose one bit-width per MSA / MLP module under the size budget."""
+    if cfg.sequential:
+        raise ValueError("mixed precision needs parallel calibration (a module's scales must not depend on "
+                         "the other modules' bit-widths); drop --sequential")
+    mp = cfg.mixed_precision
+    target = mp.target_bits or cfg.w_bits
+    choices = mp.bit_choices(target)
+    modules = quant_modules(model)
+    if not modules:
+        raise ValueError("the model has no MSA / MLP modules to give mixed precision")
+    ops = quant_ops(model)
+    states, reports = {}, {}
+    for b in sorted(set(choices) | {cfg.w_bits, target}):
+        single = cfg.replace(w_bits=b, a_bits=b, mixed_precision=None)
+        attach_quantizers(model, single)
+        model.to(device)
+        if progress:
+            print(f"calibrating at {b} bits", flush=True)
+        reports[b] = calibrate(model, images, calibrate_op(single), need_grad=single.hessian,
+                               batch_size=cfg.batch_size, progress=progress)
+        states[b] = snapshot(ops)
+        if b == target:
+            target_mb = model_size_mb(model)
+    restore(ops, states[cfg.w_bits])  # ops outside the modules keep the configured bit-width
+    fixed_mb = model_size_mb(model) - sum(m.num_weights * cfg.w_bits for m in modules) / 8e6
+    budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
+    mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
+                            cfg.batch_size, mp.hutchinson_samples, progress)
+    mp_report.budget_mb = budget_mb
+    report = reports[cfg.w_bits]
+    report.seconds = sum(r.seconds for r in reports.values())
+    report.gradient_seconds = sum(r.gradient_seconds for r in reports.values())
+    report.mixed_precision = mp_report.to_dict() | {"size_mb": model_size_mb(model),
+                                                    "calibrations": {str(b): r.ops for b, r in reports.items()}}
+    return report

@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0, help="random seed")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
+    r.add_argument("--no-fused-kernels", action="store_true",
+                   help="simulate quantization with eager PyTorch ops instead of torch.compile-fused kernels")
     r.add_argument("--json", help="write the result as one JSON object to this file")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -136,6 +138,7 @@ def run_quantize(args) -> dict:
     from .evaluate import compare, model_size_mb
     from .io import atomic_write_json
     from .models import data_config_for, load_model
+    from .quantizers.kernels import fused_kernels_enabled, set_fused_kernels
     from .report import environment, print_summary
     from .runtime import tune_runtime
 
@@ -147,6 +150,8 @@ def run_quantize(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     tune_runtime()
+    if args.no_fused_kernels:
+        set_fused_kernels(False)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     progress = not args.quiet
@@ -205,6 +210,7 @@ def run_quantize(args) -> dict:
         "fp32_model_size_mb": round(sum(p.numel() for p in model.parameters()) * 4 / 1e6, 4),
         "calib_seconds": round(calib_seconds, 3), "gradient_seconds": round(report.gradient_seconds, 3),
         "eval_seconds": round(cmp.quant_seconds, 3), "fp32_eval_seconds": round(cmp.fp32_seconds, 3),
+        "eval_warmup_seconds": round(cmp.quant_warmup_seconds, 3), "fused_kernels": fused_kernels_enabled(),
         "config": cfg.to_dict(), "seed": args.seed, "device": args.device,
         "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in data_config.items()},

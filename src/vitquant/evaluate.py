@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -12,20 +13,31 @@ from .nn.modules import _WeightOp
 from .nn.wrap import quantization_disabled
 
 
+class Prediction(NamedTuple):
+    top5: torch.Tensor  # [N, 5] class indices
+    seconds: float  # wall time of the timed pass over all images
+    warmup_seconds: float  # the untimed first forward (one-off costs: kernel compilation, allocator)
+
+
 @torch.no_grad()
 def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
-                 progress: bool = True, desc: str = "evaluating") -> tuple[torch.Tensor, float]:
-    """Top-5 class indices ``[N, 5]`` and wall time in seconds."""
+                 progress: bool = True, desc: str = "evaluating", warmup: bool = True) -> Prediction:
+    """Top-5 class indices of every image, timed after one untimed warm-up forward on two images
+    (which compiles the fused quantization kernels, see ``quantizers.kernels``)."""
     from tqdm.auto import tqdm
     model.eval()
     out = []
+    t0 = time.perf_counter()
+    if warmup and len(images):
+        model(images.tensors(0, 2).to(device))
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
         logits = model(images.tensors(i, i + batch_size).to(device))
         if not torch.isfinite(logits).all():
             raise FloatingPointError(f"non-finite logits while {desc}")
         out.append(logits.topk(5, dim=-1).indices.cpu())
-    return torch.cat(out), time.perf_counter() - t0
+    return Prediction(torch.cat(out), time.perf_counter() - t0, warmup_s)
 
 
 def topk_accuracy(top5: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -44,25 +56,25 @@ class Comparison:
     top1_agreement: float
     fp32_seconds: float
     quant_seconds: float
+    quant_warmup_seconds: float  # one-off, not in quant_seconds: mostly fused-kernel compilation
 
 
 def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
-            progress: bool = True, fp32: tuple[torch.Tensor, float] | None = None) -> Comparison:
+            progress: bool = True, fp32: Prediction | None = None) -> Comparison:
     """Evaluate a wrapped model with quantization off (FP32) and on, on the same images.
-    ``fp32``: FP32 (top-5, seconds) from an earlier call, to evaluate FP32 once for many runs."""
+    ``fp32``: the FP32 :class:`Prediction` of an earlier call, to evaluate FP32 once for many runs."""
     if images.labels is None:
         raise ValueError("evaluation images need labels")
-    if fp32 is not None:
-        fp, fp_s = fp32
-    else:
+    if fp32 is None:
         with quantization_disabled(model):
-            fp, fp_s = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
-    q, q_s = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
+            fp32 = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
+    fp, fp_s = fp32.top5, fp32.seconds
+    q, q_s, q_warm = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
     labels = images.labels
     f1, f5 = topk_accuracy(fp, labels)
     q1, q5 = topk_accuracy(q, labels)
     agree = 100.0 * (fp[:, 0] == q[:, 0]).float().mean().item()
-    return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s)
+    return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s, q_warm)
 
 
 def model_size_mb(model: nn.Module) -> float:

@@ -9,9 +9,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .calibration.objectives import NEEDS_GRAD, OBJECTIVES
+from .calibration.bias_correction import correct_bias
+from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
-from .nn.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp
+from .nn.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp, _WeightOp
 from .nn.wrap import quant_ops
 from .quantizers import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
 
@@ -43,6 +44,35 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """One bit-width per MSA / MLP module under a model-size budget (Liu et al. 2021, Sec. 3.3).
+    Weights and inputs of a module share its bit-width."""
+    choices: Optional[tuple[int, ...]] = None  # default: target-2 .. target+2 ({4..8} for 6, {6..10} for 8)
+    target_bits: Optional[int] = None          # budget: the model size at this uniform bit-width (default w_bits)
+    target_size_mb: Optional[float] = None     # or an explicit budget in MB (1e6 bytes)
+    sensitivity: Literal["nuclear", "hessian"] = "nuclear"
+    hutchinson_samples: int = 16               # Hessian-trace sensitivity only
+
+    def __post_init__(self):
+        if self.sensitivity not in ("nuclear", "hessian"):
+            raise ValueError(f"unknown sensitivity {self.sensitivity!r}; choose nuclear or hessian")
+        if self.choices is not None:
+            if not self.choices or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16
+                                       for b in self.choices):
+                raise ValueError(f"mixed-precision bit choices must be integers in 2..16, got {self.choices!r}")
+            object.__setattr__(self, "choices", tuple(sorted(set(self.choices))))
+        if self.target_size_mb is not None and self.target_size_mb <= 0:
+            raise ValueError("target size must be positive")
+        if self.target_bits is not None and not 2 <= self.target_bits <= 16:
+            raise ValueError(f"target bits must be in 2..16, got {self.target_bits}")
+
+    def bit_choices(self, target: int) -> tuple[int, ...]:
+        if self.choices is not None:
+            return self.choices
+        return tuple(b for b in range(target - 2, target + 3) if 2 <= b <= 16)
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """Everything that defines a quantization run (recorded verbatim in result files)."""
     method: str = "ptq4vit"
@@ -55,6 +85,10 @@ class QuantConfig:
     per_head_matmul: bool = True            # matmul operands: one scale per head
     per_channel_weights: bool = False       # Linear weights: one scale per output channel
     signed_activations: bool = True         # symmetric signed codes for activations
+    unsigned_softmax: bool = False          # plain-uniform post-softmax operand on [0, 2^b - 1]
+    ranking: Optional[RankingPearson] = None  # q @ k^T objective: gamma * ranking loss - Pearson
+    bias_correction: bool = False           # fold the mean output error into the bias (Liu et al.)
+    mixed_precision: Optional[MixedPrecisionConfig] = None
     sequential: bool = False                # calibrate on quantized inputs instead of FP inputs
     batch_size: int = 4                     # images per forward pass while collecting data
 
@@ -67,18 +101,29 @@ class QuantConfig:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+        if self.mixed_precision is not None and self.w_bits != self.a_bits:
+            raise ValueError("mixed precision gives weights and inputs of a module one bit-width; "
+                             "use equal --w-bits and --a-bits")
 
     @property
     def hessian(self) -> bool:
         return self.search is not None and self.search.objective in NEEDS_GRAD
 
     def replace(self, **changes) -> "QuantConfig":
-        search_changes = {k: changes.pop(k) for k in list(changes) if k in SearchConfig.__dataclass_fields__}
+        """A copy with fields changed; fields of the search, the ranking objective and mixed
+        precision may be given directly (``rounds=5``, ``theta=0.1``, ``sensitivity="hessian"``)."""
+        nested = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig}
+        parts = {f: {k: changes.pop(k) for k in list(changes) if k in cls.__dataclass_fields__}
+                 for f, cls in nested.items()}
         cfg = dataclasses.replace(self, **changes)
-        if search_changes:
-            if cfg.search is None:
-                raise ValueError(f"method {cfg.method!r} does not search; cannot set {', '.join(search_changes)}")
-            cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, **search_changes))
+        for f, sub in parts.items():
+            if not sub:
+                continue
+            if getattr(cfg, f) is None:
+                what = {"search": "does not search", "ranking": "has no ranking loss",
+                        "mixed_precision": "is not mixed-precision"}[f]
+                raise ValueError(f"method {cfg.method!r} {what}; cannot set {', '.join(sub)}")
+            cfg = dataclasses.replace(cfg, **{f: dataclasses.replace(getattr(cfg, f), **sub)})
         return cfg
 
     def to_dict(self) -> dict:
@@ -115,7 +160,19 @@ def ptq4vit(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
     return QuantConfig("ptq4vit", w_bits, a_bits, search=SearchConfig(objective="hessian"))
 
 
-RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit}
+def liu2021(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
+    """Liu et al. 2021: Pearson similarity (Eq. 12), ranking loss on q @ k^T (Eqs. 10-11),
+    alternating search over [0.5 D, 1.2 D] with 100 candidates until no interval changes or 20
+    iterations, bias correction after each iteration (Eqs. 13-15); plain uniform quantizers, one
+    interval per tensor (W^Q, W^K, W^V separately). Mixed precision is added with
+    ``mixed_precision=MixedPrecisionConfig()`` (CLI ``--mixed-precision``)."""
+    return QuantConfig("liu2021", w_bits, a_bits,
+                       search=SearchConfig(objective="pearson", alpha=0.5, beta=1.2, rounds=20),
+                       softmax_twin=False, gelu_twin=False, per_head_matmul=False, unsigned_softmax=True,
+                       ranking=RankingPearson(), bias_correction=True)
+
+
+RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021}
 
 
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
@@ -152,7 +209,12 @@ def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quanti
         return {"weight": wq, "input": iq}
     if isinstance(op, QuantMatMul):
         heads = op.num_heads if cfg.per_head_matmul else 1
-        a = TwinSoftmaxQuantizer(cfg.a_bits) if (op.role == "matmul_av" and cfg.softmax_twin) else act(heads, 1)
+        if op.role == "matmul_av" and cfg.softmax_twin:
+            a = TwinSoftmaxQuantizer(cfg.a_bits)
+        elif op.role == "matmul_av" and cfg.unsigned_softmax:
+            a = UniformQuantizer(cfg.a_bits, signed=False, groups=heads, group_dim=1, percentile=cfg.percentile)
+        else:
+            a = act(heads, 1)
         return {"a": a, "b": act(heads, 1)}
     raise TypeError(f"no quantizer rule for {type(op).__name__}")
 
@@ -162,6 +224,8 @@ def attach_quantizers(model, cfg: QuantConfig) -> None:
     for _, op in quant_ops(model):
         for operand, q in build_quantizers(op, cfg).items():
             op.set_quantizer(operand, q)
+        if isinstance(op, _WeightOp):
+            op.bias_correction = None  # belongs to the quantizers it was measured with
 
 
 def calibrate_op(cfg: QuantConfig):
@@ -172,11 +236,18 @@ def calibrate_op(cfg: QuantConfig):
             q.set_scale(q.initial_scale(data.operand(op, operand)))
         op.refresh()
         info: dict = {}
+        correct = None
+        if cfg.bias_correction and isinstance(op, _WeightOp) and op.weight_quantizer is not None:
+            def correct():
+                info["bias_correction"] = correct_bias(op, data)
         if cfg.search is not None:
             s = cfg.search
-            r = alternating_search(op, data, s.objective, s.alpha, s.beta, s.num_candidates, s.rounds,
-                                   s.memory_budget_mb, s.screen_images, s.screen_top_k)
+            objective = cfg.ranking if (cfg.ranking is not None and op.role == "matmul_qk") else s.objective
+            r = alternating_search(op, data, objective, s.alpha, s.beta, s.num_candidates, s.rounds,
+                                   s.memory_budget_mb, s.screen_images, s.screen_top_k, after_round=correct)
             info.update(rounds=r.rounds_run, searches=r.searches_run, skipped=r.searches_skipped,
                         distance=r.best_distance)
+        elif correct is not None:
+            correct()
         return info
     return step

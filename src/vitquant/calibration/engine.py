@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import QuantOp
+from ..quantizers.kernels import fused_kernels
 from ..nn.wrap import calibration_units, quant_ops, quantization_disabled
 from .search import OpData, alternating_search
 
@@ -31,6 +32,7 @@ class CalibrationReport:
     seconds: float = 0.0
     gradient_seconds: float = 0.0
     ops: dict = field(default_factory=dict)
+    mixed_precision: Optional[dict] = None  # set by mixed-precision quantization
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -136,7 +138,16 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
               *, need_grad: bool, batch_size: int = 4, sequential: bool = False,
               progress: bool = True) -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
-    (the recipe's per-op step: initialise quantizers, search, extras)."""
+    (the recipe's per-op step: initialise quantizers, search, extras).
+
+    Runs with eager quantization kernels: the search sees many tensor shapes, each of which a
+    fused kernel would have to compile for; the fused kernels are for inference."""
+    with fused_kernels(False):
+        return _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
+                          sequential=sequential, progress=progress)
+
+
+def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, progress) -> CalibrationReport:
     from tqdm.auto import tqdm
 
     report = CalibrationReport()

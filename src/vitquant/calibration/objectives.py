@@ -6,7 +6,8 @@ per candidate and scale group. Sums (not means) keep them additive over calibrat
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -66,16 +67,76 @@ def cosine(y, target, grad, group_dim, groups):
     return -_rowwise(y, target, group_dim, groups, _cos)
 
 
+def _per_sample_groups(v: torch.Tensor, group_dim: Optional[int], groups: int) -> torch.Tensor:
+    """``v [C, B, *out]`` as ``[C, B, G, n]``: every element of one sample's scale group in a row."""
+    c, b = v.shape[:2]
+    if group_dim is None or groups == 1:
+        return v.reshape(c, b, 1, -1)
+    d = group_dim % (v.dim() - 1) + 1
+    return v.unflatten(d, (groups, -1)).movedim(d, 2).reshape(c, b, groups, -1)
+
+
 def pearson(y, target, grad, group_dim, groups):
-    """Negative Pearson correlation of each output row (Eq. (12), Liu et al. 2021)."""
-    return -_rowwise(y, target, group_dim, groups, _pearson)
+    """Negative Pearson correlation of each sample's output (all its elements, per scale group),
+    summed over samples: ``-sum_i Gamma(Ô_i, O_i)``, Eq. (12), Liu et al. 2021."""
+    a = _per_sample_groups(y, group_dim, groups)
+    t = _per_sample_groups(target[None], group_dim, groups)
+    return -_pearson(a, t).sum(1)
+
+
+def ranking_pairs(width: int, max_pairs: int) -> torch.Tensor:
+    """Column pairs ``[2, P]`` (p < q) of the ranking loss: all ``width (width - 1) / 2`` pairs when
+    there are at most ``max_pairs``, else ``max_pairs`` of them drawn without replacement by a fixed
+    seed (the same pairs for every row, head, image and candidate; deterministic)."""
+    pairs = torch.triu_indices(width, width, offset=1)
+    if pairs.shape[1] <= max_pairs:
+        return pairs
+    pick = torch.randperm(pairs.shape[1], generator=torch.Generator().manual_seed(0))[:max_pairs]
+    return pairs[:, pick.sort().values]
+
+
+def ranking_loss(y, target, theta: float, max_pairs: int, group_dim=None, groups=1):
+    """Hinge ranking loss of attention maps, Eq. (10), Liu et al. 2021:
+    ``Phi((Â_p - Â_q) sign(A_p - A_q))`` with ``Phi(m) = max(0, theta - m)``, over column pairs
+    p < q of every row of every head, averaged over the pairs and rows of each sample and summed
+    over samples. ``y [C, B, *out]`` (last dim: keys), ``target [B, *out]``; returns ``[C, G]``."""
+    pairs = ranking_pairs(target.shape[-1], max_pairs).to(target.device)
+    rows = target[0].numel() // target.shape[-1]
+    total = None
+    step = max(1, target.shape[-1])  # pair blocks no wider than a row: temporaries <= output size
+    for i in range(0, pairs.shape[1], step):
+        p, q = pairs[0, i:i + step], pairs[1, i:i + step]
+        sign = torch.sign(target[..., p] - target[..., q])
+        m = (y[..., p] - y[..., q]).mul_(sign)
+        hinge = m.neg_().add_(theta).clamp_(min=0).sum(-1)  # [C, B, *out[:-1]]
+        part = _group_sum(hinge, group_dim, groups)
+        total = part if total is None else total + part
+    return total / (rows * pairs.shape[1])
+
+
+@dataclass(frozen=True)
+class RankingPearson:
+    """Objective of the q @ k^T op, Eq. (11), Liu et al. 2021: ``gamma * L_rank - Gamma`` per
+    sample (ranking loss averaged over pairs, see :func:`ranking_loss`), summed over samples."""
+    theta: float = 0.0
+    gamma: float = 1.0
+    max_pairs: int = 256
+
+    def __call__(self, y, target, grad, group_dim, groups):
+        rank = ranking_loss(y, target, self.theta, self.max_pairs, group_dim, groups)
+        return pearson(y, target, grad, group_dim, groups).add_(rank, alpha=self.gamma)
 
 
 OBJECTIVES = {"mse": mse, "hessian": hessian, "cosine": cosine, "pearson": pearson}
 NEEDS_GRAD = {"hessian"}
 
+Objective = Callable[..., torch.Tensor]
 
-def get_objective(name: str):
+
+def get_objective(name: Union[str, Objective]) -> Objective:
+    """An objective by name, or the callable itself (e.g. :class:`RankingPearson`)."""
+    if callable(name):
+        return name
     try:
         return OBJECTIVES[name]
     except KeyError:

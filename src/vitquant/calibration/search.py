@@ -7,7 +7,7 @@ samples are chunked so that one chunk's temporaries stay within ``memory_budget_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -111,12 +111,15 @@ class SearchResult:
 def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, beta: float,
                        num_candidates: int, rounds: int, memory_budget_mb: float,
                        screen_images: int = 0, screen_top_k: int = 0,
-                       order: Optional[tuple[str, ...]] = None) -> SearchResult:
+                       order: Optional[tuple[str, ...]] = None,
+                       after_round: Optional[Callable[[], None]] = None) -> SearchResult:
     """Alternate over the op's operands (weight then input, or a then b): search each operand's
-    scale on its candidate grid with the others fixed, for ``rounds`` rounds.
+    scale on its candidate grid with the others fixed, for at most ``rounds`` rounds; stop early
+    when a round changes no scale (the objective has converged).
 
+    ``after_round`` runs after every round (e.g. bias correction, Liu et al. 2021 Sec. 3.2).
     A search whose fixed operands have not changed since its last run would return the same
-    scale, so it is skipped (exact, not an approximation).
+    scale, so it is skipped (exact, not an approximation) unless ``after_round`` ran since.
     """
     quantizers = op.quantizers()
     order = order or tuple(quantizers)
@@ -140,6 +143,9 @@ def alternating_search(op: QuantOp, data: OpData, objective: str, alpha: float, 
             quantizers[name].set_scale(new)
             op.refresh()
             run += 1
+        if after_round is not None:
+            after_round()
+            seen.clear()  # the op itself changed: every search must run again
         if not changed and run:
             break
     return SearchResult(rounds_run=rounds_run, searches_run=run, searches_skipped=skipped, best_distance=best)

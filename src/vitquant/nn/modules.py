@@ -77,6 +77,21 @@ class _WeightOp(QuantOp):
         self.weight_quantizer: Optional[Quantizer] = None
         self.input_quantizer: Optional[Quantizer] = None
         self._wq_cache: Optional[torch.Tensor] = None
+        # Bias correction (Eqs. (13)-(15), Liu et al. 2021): the expected output error per output
+        # channel, subtracted from the bias while quantization is on (the FP bias is untouched;
+        # an op without bias gets one this way).
+        self.register_buffer("bias_correction", None)
+
+    def output_bias(self) -> Optional[torch.Tensor]:
+        """The bias the op applies: the layer's bias, minus the bias correction when quantized."""
+        if self.bias_correction is None or not self.quant_enabled:
+            return self.bias
+        return -self.bias_correction if self.bias is None else self.bias - self.bias_correction
+
+    def add_bias_correction(self, error: torch.Tensor) -> None:
+        """Fold a further expected output error ``E[Ô] - E[O]`` (per output channel) into the bias."""
+        error = error.detach().to(self.weight.dtype)
+        self.bias_correction = error.clone() if self.bias_correction is None else self.bias_correction + error
 
     def _invalidate(self) -> None:
         self._wq_cache = None
@@ -106,7 +121,7 @@ class QuantLinear(_WeightOp):
         self.in_features, self.out_features = module.in_features, module.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._q("input", x), self.quantized_weight(), self.bias)
+        return F.linear(self._q("input", x), self.quantized_weight(), self.output_bias())
 
     def output_group_dim(self, operand):
         return -1 if operand == "weight" else None
@@ -116,11 +131,11 @@ class QuantLinear(_WeightOp):
         if operand == "weight":
             w = self.weight_quantizer.fake_quant(self.weight, scales)  # [C, out, in]
             y = torch.matmul(x.reshape(-1, self.in_features), w.transpose(1, 2))  # [C, rows, out]
-            if self.bias is not None:
-                y += self.bias
+            if (bias := self.output_bias()) is not None:
+                y += bias
             return y.reshape(scales.shape[0], *x.shape[:-1], self.out_features)
         xq = self.input_quantizer.fake_quant(x, scales)  # [C, *x]
-        return F.linear(xq, self.quantized_weight(), self.bias)
+        return F.linear(xq, self.quantized_weight(), self.output_bias())
 
     def extra_repr(self):
         return f"{self.role}: in={self.in_features}, out={self.out_features}"
@@ -138,7 +153,7 @@ class QuantConv2d(_WeightOp):
         self.out_channels = module.out_channels
 
     def forward(self, x):
-        return F.conv2d(self._q("input", x), self.quantized_weight(), self.bias, **self.conv_args)
+        return F.conv2d(self._q("input", x), self.quantized_weight(), self.output_bias(), **self.conv_args)
 
     def output_group_dim(self, operand):
         return 1 if operand == "weight" else None
@@ -148,11 +163,12 @@ class QuantConv2d(_WeightOp):
         c = scales.shape[0]
         if operand == "weight":
             w = self.weight_quantizer.fake_quant(self.weight, scales)  # [C, O, I, kh, kw]
-            bias = None if self.bias is None else self.bias.repeat(c)
+            bias = self.output_bias()
+            bias = None if bias is None else bias.repeat(c)
             y = F.conv2d(x, w.flatten(0, 1), bias, **self.conv_args)  # [B, C*O, H, W]
             return y.unflatten(1, (c, self.out_channels)).transpose(0, 1)
         xq = self.input_quantizer.fake_quant(x, scales).flatten(0, 1)
-        y = F.conv2d(xq, self.quantized_weight(), self.bias, **self.conv_args)
+        y = F.conv2d(xq, self.quantized_weight(), self.output_bias(), **self.conv_args)
         return y.unflatten(0, (c, x.shape[0]))
 
 

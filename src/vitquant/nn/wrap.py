@@ -6,7 +6,8 @@ distilled; timm averages its two heads at inference) and ``SwinTransformer``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from torch import nn
 
@@ -77,13 +78,44 @@ def calibration_units(model: nn.Module) -> list[tuple[str, list[tuple[str, Quant
     return units
 
 
+@dataclass
+class QuantModule:
+    """An MSA or MLP module: the unit that gets one bit-width in mixed precision (Liu et al. 2021,
+    Sec. 3.3). ``output`` names the op whose output is the module's "attention map" (q @ k^T,
+    MSA) or "output feature" (fc2, MLP)."""
+    name: str
+    kind: str  # "msa" or "mlp"
+    ops: list[tuple[str, QuantOp]]
+    output: str
+
+    @property
+    def num_weights(self) -> int:
+        return sum(op.weight.numel() for _, op in self.ops if hasattr(op, "weight"))
+
+
+def quant_modules(model: nn.Module) -> list[QuantModule]:
+    """Every attention (MSA) and MLP module of a wrapped model, in execution order."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantAttention, QuantWindowAttention)):
+            kind, output = "msa", "matmul_qk"
+        elif isinstance(getattr(m, "fc1", None), QuantLinear) and isinstance(getattr(m, "fc2", None), QuantLinear):
+            kind, output = "mlp", "fc2"
+        else:
+            continue
+        ops = [(f"{name}.{n}", op) for n, op in m.named_modules() if isinstance(op, QuantOp)]
+        out.append(QuantModule(name, kind, ops, f"{name}.{output}"))
+    return out
+
+
 @contextlib.contextmanager
-def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the wrapped model in floating point inside the block."""
+def quantization_only(model: nn.Module, enabled: Iterable[QuantOp]) -> Iterator[nn.Module]:
+    """Inside the block only the ``enabled`` ops are quantized; every other op runs in FP."""
+    keep = {id(op) for op in enabled}
     ops = [m for m in model.modules() if isinstance(m, QuantOp)]
     saved = [op.quant_enabled for op in ops]
     for op in ops:
-        op.quant_enabled = False
+        op.quant_enabled = op.quant_enabled and id(op) in keep
     try:
         yield model
     finally:
@@ -91,5 +123,11 @@ def quantization_disabled(model: nn.Module) -> Iterator[nn.Module]:
             op.quant_enabled = s
 
 
-__all__ = ["wrap_model", "quant_ops", "calibration_units", "quantization_disabled", "is_wrapped",
+def quantization_disabled(model: nn.Module):
+    """Run the wrapped model in floating point inside the block."""
+    return quantization_only(model, ())
+
+
+__all__ = ["wrap_model", "quant_ops", "calibration_units", "quantization_disabled", "quantization_only",
+           "quant_modules", "QuantModule", "is_wrapped",
            "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantOp"]

@@ -48,7 +48,8 @@ class Quantizer(nn.Module):
         self.calibrated = False
 
     # -- to implement -------------------------------------------------------------------------
-    def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, shape: torch.Size, fused: bool = False) -> torch.Tensor:
+        """Quantize-dequantize; ``fused``: through the compiled kernel (see ``kernels``)."""
         raise NotImplementedError
 
     def _codes(self, x: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -68,11 +69,11 @@ class Quantizer(nn.Module):
         return factors.to(base.dtype)[:, None] * base[None, :]
 
     # -- shared -------------------------------------------------------------------------------
-    def _run(self, fn_name: str, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, fn_name: str, x: torch.Tensor, scale: torch.Tensor | None, **kwargs) -> torch.Tensor:
         scale = self.scale if scale is None else scale
         s, view = grouped_scale(scale, x.shape, self.group_dim)
         lead = scale.shape[:-1]
-        out = getattr(self, fn_name)(x.reshape(view), s, x.shape)
+        out = getattr(self, fn_name)(x.reshape(view), s, x.shape, **kwargs)
         return out.reshape(*lead, *x.shape)
 
     def grouped(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -98,7 +99,9 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or not self.calibrated:
             return x
-        return self.fake_quant(x)
+        # Inference activations go through the fused kernel; autograd, parameters (weights are
+        # quantized once and cached) and the calibration search stay eager.
+        return self._run("_fake_quant", x, None, fused=not (torch.is_grad_enabled() or x.requires_grad))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, group_dim={self.group_dim}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import Quantizer, reduce_to_groups
 
 GELU_MIN = 0.16997124254703522  # -min GELU(x), the fixed negative range of post-GELU twin
@@ -33,9 +34,9 @@ class TwinSoftmaxQuantizer(Quantizer):
         v2 = (x / self.d2).round_().clamp_(0, self.levels - 1)
         return in_r1, v1, v2
 
-    def _fake_quant(self, x, s, shape):
-        in_r1, v1, v2 = self._split(x, s)
-        return torch.where(in_r1, v1.mul_(s), v2.mul_(self.d2))
+    def _fake_quant(self, x, s, shape, fused=False):
+        return kernels.run_kernel(kernels.twin_softmax, x, s, torch.full_like(s, self.d2), float(self.levels),
+                                  fused=fused)
 
     def _codes(self, x, s, shape):
         in_r1, v1, v2 = self._split(x, s)
@@ -84,9 +85,9 @@ class TwinGeluQuantizer(Quantizer):
         q = q.to(s.dtype)
         return torch.where(q >= 0, q * s, q * self.d_neg)
 
-    def _fake_quant(self, x, s, shape):
-        pos, neg = self._split(x, s)
-        return pos.mul_(s).add_(neg.mul_(self.d_neg))
+    def _fake_quant(self, x, s, shape, fused=False):
+        return kernels.run_kernel(kernels.twin_gelu, x, s, torch.full_like(s, self.d_neg), float(self.levels),
+                                  fused=fused)
 
     def initial_scale(self, x):
         m = reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .base import Quantizer, group_rows, reduce_to_groups
 
 
@@ -39,19 +40,22 @@ class UniformQuantizer(Quantizer):
         return torch.clamp(torch.round(-self.grouped(self.lower, shape) / s), self.qmin, self.qmax)
 
     def _codes(self, x, s, shape):
-        q = (x / s).round_()  # one new tensor, then in place: this is also the inference path
+        q = (x / s).round_()
         if not self.symmetric:
             q += self._zero_point(s, shape)
         return q.clamp_(self.qmin, self.qmax)
 
-    def _dequant(self, q, s, shape, inplace=False):
-        q = q if inplace else q.to(s.dtype, copy=True)
+    def _dequant(self, q, s, shape):
+        q = q.to(s.dtype, copy=True)
         if not self.symmetric:
             q -= self._zero_point(s, shape)
         return q.mul_(s)
 
-    def _fake_quant(self, x, s, shape):
-        return self._dequant(self._codes(x, s, shape), s, shape, inplace=True)
+    def _fake_quant(self, x, s, shape, fused=False):
+        if self.symmetric:
+            return kernels.run_kernel(kernels.uniform_symmetric, x, s, float(self.qmin), float(self.qmax), fused=fused)
+        return kernels.run_kernel(kernels.uniform_affine, x, s, self._zero_point(s, shape), float(self.qmin),
+                                  float(self.qmax), fused=fused)
 
     def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()

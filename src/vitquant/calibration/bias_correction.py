@@ -1,0 +1,42 @@
+"""Bias correction, Eqs. (13)-(15), Liu et al. 2021.
+
+``E[Ô] = E[O] + E[eps_W X] + E[eps_X W] + E[eps_X eps_W]``: the expected output error of a
+quantized Linear / Conv, measured per output channel on the calibration data, is subtracted from
+the layer's bias (``_WeightOp.bias_correction``), so each output channel keeps its FP mean.
+
+Applies to ops with a weight (every quantized Linear and the patch-embedding conv). The attention
+matmuls (q @ k^T, attn @ v) have no bias and their "channels" are token positions, whose expected
+error is a property of the data rather than of a layer, so they are not corrected.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..nn.modules import _WeightOp
+from .search import OpData
+
+
+@torch.no_grad()
+def mean_output_error(op: _WeightOp, data: OpData, chunk: int = 8) -> torch.Tensor:
+    """``E[Ô] - E[O]`` per output channel over the calibration data (quantized op, current
+    scales and current correction, inputs as in ``data``)."""
+    ch = op.output_group_dim("weight")
+    total, count = None, 0
+    n = data.output.shape[0]
+    for s0 in range(0, n, chunk):
+        y = op(*(t[s0:s0 + chunk] for t in data.inputs))
+        err = (y - data.output[s0:s0 + chunk]).double().movedim(ch, -1)
+        err = err.reshape(-1, err.shape[-1])
+        total = err.sum(0) if total is None else total + err.sum(0)
+        count += err.shape[0]
+    return total / count
+
+
+@torch.no_grad()
+def correct_bias(op: _WeightOp, data: OpData) -> dict:
+    """Fold the op's mean output error into its bias correction; returns the mean |error| per
+    channel before and after."""
+    before = mean_output_error(op, data)
+    op.add_bias_correction(before)
+    after = mean_output_error(op, data)
+    return {"error_before": float(before.abs().mean()), "error_after": float(after.abs().mean())}
