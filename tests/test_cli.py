@@ -36,7 +36,7 @@ def data_args(sample_dir):
             "--eval-data", img, "--eval-list", str(sample_dir / "splits" / "eval.txt")]
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "base", "ptq4vit"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "base", "ptq4vit", "liu2021"])
 def test_quantize_writes_the_contract_json(method, sample_dir, checkpoint, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     code, out, err = run(["quantize", MODEL, "--method", method, "--w-bits", "6", "--a-bits", "6",
@@ -102,7 +102,33 @@ def _bad_cases(sample_dir, checkpoint, tmp_path):
         "num-calib too large": (["quantize", MODEL, "--checkpoint", str(checkpoint), "--calib-data", str(few),
                                  "--eval-data", str(few), *FAST[:-2], "--num-calib", "5"], "--num-calib 5"),
         "unknown method": (base + ["--method", "magic"], "invalid choice"),
+        "bit choices without mixed precision": (base + ["--method", "liu2021", "--bit-choices", "4,6"],
+                                                "need --mixed-precision"),
+        "mixed precision with unequal bits": (base + ["--method", "liu2021", "--mixed-precision", "--w-bits", "6",
+                                                      "--a-bits", "8"], "equal --w-bits and --a-bits"),
+        "bad bit choice": (base + ["--method", "liu2021", "--mixed-precision", "--bit-choices", "4,x"], "bit choices"),
+        "budget cannot be met": (base + ["--method", "liu2021", "--mixed-precision", "--target-size-mb", "0.01"],
+                                 "cannot be met"),
+        "ranking options without ranking": (base + ["--method", "liu2021", "--no-ranking", "--ranking-theta", "1"],
+                                            "drop --no-ranking"),
     }
+
+
+def test_liu2021_mixed_precision_json_and_plots(sample_dir, checkpoint, tmp_path, capsys):
+    out = tmp_path / "liu.json"
+    code, text, err = run(["quantize", MODEL, "--method", "liu2021", "--w-bits", "6", "--a-bits", "6",
+                           "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH,
+                           "--mixed-precision", "--bit-choices", "4,6,8", "--plots", "--json", str(out)], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    mp = r["mixed_precision"]
+    assert r["config"]["mixed_precision"]["choices"] == [4, 6, 8]
+    assert len(mp["modules"]) == 2 * 12 and {m["kind"] for m in mp["modules"]} == {"msa", "mlp"}
+    assert all(m["bits"] in (4, 6, 8) and m["nuclear_norm"] > 0 for m in mp["modules"])
+    assert mp["size_mb"] <= mp["budget_mb"] + 1e-9 and mp["size_mb"] == pytest.approx(r["model_size_mb"], abs=1e-4)
+    for png in r["plots"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "mixed precision" in text
 
 
 def test_bad_input_gives_one_error_line_and_no_output(sample_dir, checkpoint, tmp_path, capsys):

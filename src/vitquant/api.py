@@ -49,37 +49,63 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
 def _quantize_mixed(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, device, progress: bool) -> CalibrationReport:
     """Mixed precision (Liu et al. 2021, Sec. 3.3): calibrate at every candidate bit-width with the
     shared engine, then choose one bit-width per MSA / MLP module under the size budget."""
+    mp = cfg.mixed_precision
+    target = mp.target_bits or cfg.w_bits
+    bits = sorted(set(mp.bit_choices(target)) | {cfg.w_bits, target})
+    states, reports = calibrate_bit_widths(model, images, cfg, bits, device, progress)
+    return apply_mixed_precision(model, images, cfg, states, reports, progress)
+
+
+def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, bits, device=None,
+                         progress: bool = False) -> tuple[dict, dict]:
+    """Calibrate the wrapped model once per bit-width (weights and inputs alike) with ``cfg``'s
+    single-precision recipe. Returns the quantizer state (:func:`snapshot`) and the calibration
+    report per bit-width."""
     if cfg.sequential:
         raise ValueError("mixed precision needs parallel calibration (a module's scales must not depend on "
                          "the other modules' bit-widths); drop --sequential")
-    mp = cfg.mixed_precision
-    target = mp.target_bits or cfg.w_bits
-    choices = mp.bit_choices(target)
-    modules = quant_modules(model)
-    if not modules:
-        raise ValueError("the model has no MSA / MLP modules to give mixed precision")
     ops = quant_ops(model)
     states, reports = {}, {}
-    for b in sorted(set(choices) | {cfg.w_bits, target}):
+    for b in bits:
         single = cfg.replace(w_bits=b, a_bits=b, mixed_precision=None)
         attach_quantizers(model, single)
-        model.to(device)
+        if device is not None:
+            model.to(device)
         if progress:
             print(f"calibrating at {b} bits", flush=True)
         reports[b] = calibrate(model, images, calibrate_op(single), need_grad=single.hessian,
                                batch_size=cfg.batch_size, progress=progress)
         states[b] = snapshot(ops)
-        if b == target:
-            target_mb = model_size_mb(model)
-    restore(ops, states[cfg.w_bits])  # ops outside the modules keep the configured bit-width
+    return states, reports
+
+
+def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, states: dict, reports: dict,
+                          progress: bool = False) -> CalibrationReport:
+    """Choose and apply one bit-width per MSA / MLP module (``cfg.mixed_precision``) from the
+    per-bit-width states of :func:`calibrate_bit_widths`; ops outside the modules (patch
+    embedding, head) keep ``cfg.w_bits``. Returns the ``cfg.w_bits`` calibration report with the
+    allocation in ``report.mixed_precision``."""
+    mp = cfg.mixed_precision
+    target = mp.target_bits or cfg.w_bits
+    choices = mp.bit_choices(target)
+    missing = sorted((set(choices) | {cfg.w_bits, target}) - set(states))
+    if missing:
+        raise ValueError(f"no calibration at bit-widths {missing}")
+    modules = quant_modules(model)
+    if not modules:
+        raise ValueError("the model has no MSA / MLP modules to give mixed precision")
+    ops = quant_ops(model)
+    restore(ops, states[target])
+    target_mb = model_size_mb(model)
+    restore(ops, states[cfg.w_bits])
     fixed_mb = model_size_mb(model) - sum(m.num_weights * cfg.w_bits for m in modules) / 8e6
     budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
     mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
                             cfg.batch_size, mp.hutchinson_samples, progress)
     mp_report.budget_mb = budget_mb
-    report = reports[cfg.w_bits]
-    report.seconds = sum(r.seconds for r in reports.values())
-    report.gradient_seconds = sum(r.gradient_seconds for r in reports.values())
+    base = reports[cfg.w_bits]
+    report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
+                               gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops)
     report.mixed_precision = mp_report.to_dict() | {"size_mb": model_size_mb(model),
-                                                    "calibrations": {str(b): r.ops for b, r in reports.items()}}
+                                                    "calibration_seconds": {str(b): r.seconds for b, r in reports.items()}}
     return report

@@ -50,6 +50,13 @@ def _on_off(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {v!r}")
 
 
+def _bit_list(v: str) -> tuple[int, ...]:
+    try:
+        return tuple(_bits(b.strip()) for b in v.split(",") if b.strip()) or _bits("")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"bit choices: {e}") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints usage too; keep it short)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -95,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--percentile", type=_positive_float, help="activation percentile (percentile method)")
     a.add_argument("--per-channel-weights", action="store_true", help="one weight scale per output channel")
     a.add_argument("--sequential", action="store_true", help="calibrate on quantized inputs (default: FP inputs)")
+    lq = q.add_argument_group("Liu et al. 2021 (liu2021; the switches apply to any recipe)")
+    lq.add_argument("--ranking", type=_on_off, metavar="on|off", help="ranking loss on q@k^T (Eqs. 10-11)")
+    lq.add_argument("--no-ranking", dest="ranking", action="store_false", help="same as --ranking off")
+    lq.add_argument("--ranking-theta", type=float, metavar="THETA", help="hinge margin theta of the ranking loss")
+    lq.add_argument("--ranking-gamma", type=_positive_float, metavar="GAMMA", help="weight gamma of the ranking loss")
+    lq.add_argument("--ranking-pairs", type=_positive_int, metavar="P",
+                    help="key pairs per attention row (all pairs when fewer; else a fixed seeded sample)")
+    lq.add_argument("--bias-correction", type=_on_off, metavar="on|off", help="bias correction (Eqs. 13-15)")
+    lq.add_argument("--no-bias-correction", dest="bias_correction", action="store_false",
+                    help="same as --bias-correction off")
+    lq.add_argument("--mixed-precision", action="store_true",
+                    help="one bit-width per MSA / MLP module under the size budget (Sec. 3.3)")
+    lq.add_argument("--bit-choices", type=_bit_list, metavar="B,B,...",
+                    help="mixed-precision candidates (default: target-2..target+2)")
+    lq.add_argument("--target-bits", type=_bits, help="size budget: the model at this uniform bit-width (default --w-bits)")
+    lq.add_argument("--target-size-mb", type=_positive_float, help="size budget in MB (1e6 bytes)")
+    lq.add_argument("--sensitivity", choices=["nuclear", "hessian"],
+                    help="mixed-precision sensitivity: nuclear norm (paper) or Hessian trace (HAWQ-v2)")
+    lq.add_argument("--plots", action="store_true",
+                    help="write PNG plots next to the --json file (nuclear norms and bit allocation)")
     r = q.add_argument_group("run")
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
@@ -109,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args):
-    from .recipes import get_recipe
+    import dataclasses
+
+    from .calibration.objectives import RankingPearson
+    from .recipes import MixedPrecisionConfig, get_recipe
     overrides = dict(softmax_twin=args.softmax_twin, gelu_twin=args.gelu_twin, rounds=args.search_rounds,
                      num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
                      memory_budget_mb=args.search_memory_mb, percentile=args.percentile,
@@ -123,8 +153,27 @@ def _config_from_args(args):
         overrides["per_channel_weights"] = True
     if args.sequential:
         overrides["sequential"] = True
+    overrides["bias_correction"] = args.bias_correction
     try:
-        return get_recipe(args.method, args.w_bits, args.a_bits, **overrides)
+        cfg = get_recipe(args.method, args.w_bits, args.a_bits, **overrides)
+        ranking = dict(theta=args.ranking_theta, gamma=args.ranking_gamma, max_pairs=args.ranking_pairs)
+        ranking = {k: v for k, v in ranking.items() if v is not None}
+        if args.ranking is False:
+            if ranking:
+                raise VitquantError("--ranking-* options need the ranking loss; drop --no-ranking")
+            cfg = cfg.replace(ranking=None)
+        elif args.ranking or ranking:
+            cfg = cfg.replace(ranking=RankingPearson(**{**dataclasses.asdict(cfg.ranking or RankingPearson()), **ranking}))
+        mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
+                  sensitivity=args.sensitivity)
+        mp = {k: v for k, v in mp.items() if v is not None}
+        if args.mixed_precision:
+            cfg = cfg.replace(mixed_precision=MixedPrecisionConfig(**mp))
+        elif mp:
+            flags = {"choices": "--bit-choices", "target_bits": "--target-bits", "target_size_mb": "--target-size-mb",
+                     "sensitivity": "--sensitivity"}
+            raise VitquantError(f"{', '.join(flags[k] for k in mp)} need --mixed-precision")
+        return cfg
     except ValueError as e:
         raise VitquantError(str(e)) from None
 
@@ -143,6 +192,8 @@ def run_quantize(args) -> dict:
     from .runtime import tune_runtime
 
     cfg = _config_from_args(args)
+    if args.plots and not args.json:
+        raise VitquantError("--plots writes the PNG files next to the --json file; give --json")
     if args.json:
         _check_writable(args.json)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -220,10 +271,34 @@ def run_quantize(args) -> dict:
         "environment": environment(), "vitquant_version": __version__,
         "layers": report.ops,
     }
+    if report.mixed_precision is not None:
+        result["mixed_precision"] = report.mixed_precision
+    if args.plots:
+        result["plots"] = _write_plots(args.json, model, calib, cfg, report)
     print_summary(result)
     if args.json:
         atomic_write_json(args.json, result)
     return result
+
+
+def _write_plots(json_path: str, model, calib, cfg, report) -> list[str]:
+    """Nuclear norm per module and bit allocation per module, as PNG next to the JSON file."""
+    from .mixed_precision import nuclear_norms
+    from .nn.wrap import quant_modules
+    from .plots import plot_bit_allocation, plot_nuclear_norms
+    stem = os.path.splitext(json_path)[0]
+    mp = report.mixed_precision
+    if mp is not None:
+        modules = mp["modules"]
+        note = f"size {mp['size_mb']:.2f} MB <= budget {mp['budget_mb']:.2f} MB"
+    else:
+        mods = quant_modules(model)
+        nuc = nuclear_norms(model, calib.tensors(), mods, cfg.batch_size)
+        modules = [dict(name=m.name, kind=m.kind, nuclear_norm=nuc[m.name], bits=cfg.w_bits) for m in mods]
+        note = "single precision"
+    title = f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
+    return [str(plot_nuclear_norms(modules, f"{stem}_nuclear_norm.png", f"{title}: module sensitivity")),
+            str(plot_bit_allocation(modules, f"{stem}_bits.png", f"{title}: bits per module", note))]
 
 
 def _check_writable(path: str) -> None:

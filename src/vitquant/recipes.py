@@ -51,7 +51,7 @@ class MixedPrecisionConfig:
     target_bits: Optional[int] = None          # budget: the model size at this uniform bit-width (default w_bits)
     target_size_mb: Optional[float] = None     # or an explicit budget in MB (1e6 bytes)
     sensitivity: Literal["nuclear", "hessian"] = "nuclear"
-    hutchinson_samples: int = 16               # Hessian-trace sensitivity only
+    hutchinson_samples: int = 8                # Hessian-trace sensitivity only
 
     def __post_init__(self):
         if self.sensitivity not in ("nuclear", "hessian"):
@@ -238,8 +238,11 @@ def calibrate_op(cfg: QuantConfig):
         info: dict = {}
         correct = None
         if cfg.bias_correction and isinstance(op, _WeightOp) and op.weight_quantizer is not None:
-            def correct():
-                info["bias_correction"] = correct_bias(op, data)
+            def correct():  # report the error before the first and after the last correction
+                r = correct_bias(op, data)
+                bc = info.setdefault("bias_correction", {"error_before": r["error_before"], "corrections": 0})
+                bc["error_after"] = r["error_after"]
+                bc["corrections"] += 1
         if cfg.search is not None:
             s = cfg.search
             objective = cfg.ranking if (cfg.ranking is not None and op.role == "matmul_qk") else s.objective

@@ -25,6 +25,12 @@ def print_summary(r: dict) -> None:
             ("model size", f"{r['model_size_mb']:.2f} MB (FP32 {r['fp32_model_size_mb']:.2f} MB)"),
             ("calibration", f"{r['calib_seconds']:.1f} s"),
             ("evaluation FP32 / quant", f"{r['fp32_eval_seconds']:.1f} / {r['eval_seconds']:.1f} s")]
+    mp = r.get("mixed_precision")
+    if mp:
+        rows.insert(6, ("mixed precision", f"{mp['size_mb']:.2f} MB (budget {mp['budget_mb']:.2f} MB), bits "
+                        + " ".join(f"{m['bits']}" for m in mp["modules"]) + f"  [{mp['sensitivity']}]"))
+    for path in r.get("plots", []):
+        rows.append(("plot", path))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")

@@ -120,7 +120,7 @@ class RankingPearson:
     sample (ranking loss averaged over pairs, see :func:`ranking_loss`), summed over samples."""
     theta: float = 0.0
     gamma: float = 1.0
-    max_pairs: int = 256
+    max_pairs: int = 64
 
     def __call__(self, y, target, grad, group_dim, groups):
         rank = ranking_loss(y, target, self.theta, self.max_pairs, group_dim, groups)

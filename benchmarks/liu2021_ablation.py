@@ -1,0 +1,129 @@
+"""Liu et al. 2021 ablation (Table 3 of the paper) and the Hessian-trace comparison (Table 4) on
+DeiT-Tiny with the shared weights.
+
+Rows: similarity (Pearson) only, + ranking loss, + bias correction, both, and each of those with
+nuclear-norm mixed precision at the model size of the target bit-width; plus the full method with
+Hessian-trace mixed precision. Columns: the target bit-widths (W6A6, W8A8). Calibrations at each
+bit-width are computed once per (configuration, calibration set) and shared by the single- and
+mixed-precision rows. Writes ``liu2021_ablation.json`` / ``.md`` into ``--out`` after every row.
+
+    python benchmarks/liu2021_ablation.py --calib-sizes 32 128 --bits 6 8
+"""
+from __future__ import annotations
+
+import time
+
+from common import base_parser, load_data, log, peak_rss_gb, setup
+
+PARTS = {  # configuration key -> overrides of the liu2021 recipe
+    "similarity": dict(ranking=None, bias_correction=False),
+    "similarity + ranking": dict(bias_correction=False),
+    "similarity + bias correction": dict(ranking=None),
+    "similarity + ranking + bias correction": dict(),
+}
+ROWS = [  # (label, configuration key, mixed-precision sensitivity or None); most important first
+    ("similarity + ranking + bias correction", "similarity + ranking + bias correction", None),
+    ("all (+ mixed precision)", "similarity + ranking + bias correction", "nuclear"),
+    ("similarity", "similarity", None),
+    ("similarity + ranking", "similarity + ranking", None),
+    ("similarity + bias correction", "similarity + bias correction", None),
+    ("similarity + mixed precision", "similarity", "nuclear"),
+    ("similarity + bias correction + mixed precision", "similarity + bias correction", "nuclear"),
+    ("similarity + ranking + mixed precision", "similarity + ranking", "nuclear"),
+    ("all, Hessian-trace mixed precision", "similarity + ranking + bias correction", "hessian"),
+]
+
+
+def main():
+    p = base_parser(__doc__)
+    p.add_argument("--bits", type=int, nargs="+", default=[6, 8], help="target bit-widths")
+    p.add_argument("--calib-sizes", type=int, nargs="+", default=[32])
+    p.add_argument("--only", nargs="*", help="run only rows whose label contains one of these strings")
+    args = p.parse_args()
+    setup(args.threads)
+    from vitquant import get_recipe, quantization_disabled
+    from vitquant.api import apply_mixed_precision, calibrate_bit_widths
+    from vitquant.evaluate import compare, model_size_mb, predict_top5, topk_accuracy
+    from vitquant.io import atomic_write_json, atomic_write_text
+    from vitquant.mixed_precision import restore
+    from vitquant.models import load_model
+    from vitquant.nn import quant_ops, wrap_model
+    from vitquant.recipes import MixedPrecisionConfig
+    from vitquant.report import environment
+
+    out = f"{args.out}/liu2021_ablation"
+    results = []
+    for n_calib in args.calib_sizes:
+        model, info = load_model("deit_tiny_patch16_224", args.checkpoint)
+        calib, evalset = load_data(model, args.sample, n_calib, args.num_eval, progress=True)
+        wrap_model(model)
+        with quantization_disabled(model):
+            fp32 = predict_top5(model, evalset, progress=False)
+        fp_top1 = topk_accuracy(fp32.top5, evalset.labels)[0]
+        images = calib.tensors()
+        states: dict = {}  # (configuration key) -> {bits: (state, report)}
+        for label, key, sensitivity in ROWS:
+            if args.only and not any(o in label for o in args.only):
+                continue
+            for bits in args.bits:
+                cfg = get_recipe("liu2021", bits, bits).replace(**PARTS[key])
+                need = [bits] if sensitivity is None else list(range(bits - 2, bits + 3))
+                have = states.setdefault(key, {})
+                todo = [b for b in need if b not in have]
+                t0 = time.perf_counter()
+                if todo:
+                    s, r = calibrate_bit_widths(model, images, cfg, todo)
+                    have.update({b: (s[b], r[b]) for b in todo})
+                calib_new_s = time.perf_counter() - t0
+                ops = quant_ops(model)
+                mp = None
+                if sensitivity is None:
+                    restore(ops, have[bits][0])
+                    calib_s = have[bits][1].seconds
+                else:
+                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(sensitivity=sensitivity))
+                    t1 = time.perf_counter()
+                    rep = apply_mixed_precision(model, images, mcfg, {b: have[b][0] for b in need},
+                                                {b: have[b][1] for b in need})
+                    mp = rep.mixed_precision
+                    mp["allocation_seconds"] = round(time.perf_counter() - t1, 2)
+                    calib_s = sum(have[b][1].seconds for b in need) + mp["allocation_seconds"]
+                c = compare(model, evalset, fp32=fp32, progress=False)
+                r = dict(row=label, num_calib=n_calib, w_bits=bits, a_bits=bits, fp32_top1=c.fp32_top1,
+                         quant_top1=c.quant_top1, top1_drop=c.top1_drop, top1_agreement=c.top1_agreement,
+                         quant_top5=c.quant_top5, model_size_mb=model_size_mb(model), calib_seconds=calib_s,
+                         new_calibration_seconds=calib_new_s, config=cfg.to_dict(), mixed_precision=mp)
+                results.append(r)
+                log(f"{n_calib} images | {label:48s} W{bits}A{bits}: top-1 {c.quant_top1:.2f} "
+                    f"(drop {c.top1_drop:+.2f}), {r['model_size_mb']:.3f} MB")
+                meta = dict(model="deit_tiny_patch16_224", weights=info, num_eval=len(evalset),
+                            eval_list=str(args.sample) + "/splits/eval.txt",
+                            eval_names_sha256=evalset.describe()["names_sha256"], environment=environment(),
+                            peak_rss_gb=peak_rss_gb(), fp32_top1=fp_top1)
+                atomic_write_json(out + ".json", dict(meta=meta, results=results))
+                atomic_write_text(out + ".md", markdown(results, fp_top1, len(evalset)))
+    print(markdown(results, fp_top1, len(evalset)))
+
+
+def markdown(results, fp_top1, n_eval) -> str:
+    bits = sorted({r["w_bits"] for r in results})
+    lines = [f"DeiT-Tiny (shared weights), {n_eval} evaluation images, FP32 top-1 {fp_top1:.2f} %. "
+             "Cells: top-1 % (drop), model size MB.", ""]
+    for n_calib in sorted({r["num_calib"] for r in results}):
+        lines += [f"**{n_calib} calibration images**", "",
+                  "| configuration | " + " | ".join(f"W{b}A{b} (target size)" for b in bits) + " |",
+                  "|---|" + "---|" * len(bits)]
+        rows = [r for r in results if r["num_calib"] == n_calib]
+        for label in dict.fromkeys(r["row"] for r in rows):
+            cells = []
+            for b in bits:
+                r = next((r for r in rows if r["row"] == label and r["w_bits"] == b), None)
+                cells.append("" if r is None else
+                             f"{r['quant_top1']:.2f} ({r['top1_drop']:+.2f}), {r['model_size_mb']:.2f} MB")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
