@@ -102,10 +102,9 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
     budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
     mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
                             cfg.batch_size, mp.hutchinson_samples, progress)
-    mp_report.budget_mb = budget_mb
     base = reports[cfg.w_bits]
     report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
                                gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops)
-    report.mixed_precision = mp_report.to_dict() | {"size_mb": model_size_mb(model),
+    report.mixed_precision = mp_report.to_dict() | {"budget_mb": budget_mb, "size_mb": model_size_mb(model),
                                                     "calibration_seconds": {str(b): r.seconds for b, r in reports.items()}}
     return report

@@ -52,9 +52,12 @@ def _on_off(v: str) -> bool:
 
 def _bit_list(v: str) -> tuple[int, ...]:
     try:
-        return tuple(_bits(b.strip()) for b in v.split(",") if b.strip()) or _bits("")
+        bits = tuple(_bits(b.strip()) for b in v.split(",") if b.strip())
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"bit choices: {e}") from None
+    if not bits:
+        raise argparse.ArgumentTypeError(f"bit choices: expected comma-separated bit-widths, got {v!r}")
+    return bits
 
 
 class _Parser(argparse.ArgumentParser):
@@ -136,8 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args):
-    import dataclasses
-
     from .calibration.objectives import RankingPearson
     from .recipes import MixedPrecisionConfig, get_recipe
     overrides = dict(softmax_twin=args.softmax_twin, gelu_twin=args.gelu_twin, rounds=args.search_rounds,
@@ -163,7 +164,9 @@ def _config_from_args(args):
                 raise VitquantError("--ranking-* options need the ranking loss; drop --no-ranking")
             cfg = cfg.replace(ranking=None)
         elif args.ranking or ranking:
-            cfg = cfg.replace(ranking=RankingPearson(**{**dataclasses.asdict(cfg.ranking or RankingPearson()), **ranking}))
+            if cfg.ranking is None:
+                cfg = cfg.replace(ranking=RankingPearson())
+            cfg = cfg.replace(**ranking)
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
                   sensitivity=args.sensitivity)
         mp = {k: v for k, v in mp.items() if v is not None}

@@ -156,9 +156,10 @@ def hessian_traces(model: nn.Module, images: torch.Tensor, modules: list[QuantMo
 
 
 @torch.no_grad()
-def output_errors(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int) -> float:
-    """``||Â - A||^2`` of the module's attention map / output feature, summed over the images,
-    with only this module quantized (its current quantizers) and FP inputs."""
+def module_outputs(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int,
+                   quantized: bool) -> list[torch.Tensor]:
+    """The module's attention map / output feature per batch of images, FP inputs; quantized
+    with only this module's ops on (``quantized``) or fully FP. Each forward stops there."""
     name_op = [(n, op) for n, op in quant_ops(model) if n == module.output]
     captured: list[torch.Tensor] = []
 
@@ -168,20 +169,22 @@ def output_errors(model: nn.Module, images: torch.Tensor, module: QuantModule, b
             raise _StopForward
         return fn
 
-    total = 0.0
-    own = [op for _, op in module.ops]
-    with _forward_hooks(name_op, hook):
+    ctx = quantization_only(model, [op for _, op in module.ops]) if quantized else quantization_disabled(model)
+    with _forward_hooks(name_op, hook), ctx:
         for batch in _batches(images, batch_size):
-            outs = []
-            for ctx in (quantization_disabled(model), quantization_only(model, own)):
-                with ctx:
-                    try:
-                        model(batch)
-                    except _StopForward:
-                        pass
-                outs.append(captured.pop())
-            total += float((outs[1].double() - outs[0].double()).square().sum())
-    return total
+            try:
+                model(batch)
+            except _StopForward:
+                pass
+    return captured
+
+
+def output_error(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int,
+                 reference: list[torch.Tensor]) -> float:
+    """``||Â - A||^2`` summed over the images: the module's map with only this module quantized
+    (its current quantizers) against ``reference``, its FP map from :func:`module_outputs`."""
+    quantized = module_outputs(model, images, module, batch_size, quantized=True)
+    return sum(float((q.double() - r.double()).square().sum()) for q, r in zip(quantized, reference))
 
 
 def weight_error(module: QuantModule) -> float:
@@ -218,7 +221,7 @@ def restore(ops: list[tuple[str, QuantOp]], state: dict) -> None:
 class MixedPrecisionReport:
     choices: list[int]
     sensitivity: str
-    budget_mb: float
+    module_budget_mb: float  # the part of the size budget left for the modules' weights
     modules: list[dict] = field(default_factory=list)
     omega: float = 0.0
     exact: bool = True
@@ -244,13 +247,14 @@ def choose_bits(model: nn.Module, images: torch.Tensor, modules: list[QuantModul
         traces = hessian_traces(model, images, modules, batch_size, hutchinson_samples)
         times["hessian"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    all_ops = [(n, op) for m in modules for n, op in m.ops]
     pert = np.zeros((len(modules), len(choices)))
     with tqdm(total=len(modules) * len(choices), desc="mixed precision", unit="config", disable=not progress) as bar:
-        for j, b in enumerate(choices):
-            restore(all_ops, states[b])
-            for i, m in enumerate(modules):
-                pert[i, j] = weight_error(m) if traces is not None else output_errors(model, images, m, batch_size)
+        for i, m in enumerate(modules):
+            reference = None if traces is not None else module_outputs(model, images, m, batch_size, quantized=False)
+            for j, b in enumerate(choices):
+                restore(m.ops, states[b])
+                pert[i, j] = weight_error(m) if reference is None else output_error(model, images, m, batch_size,
+                                                                                      reference)
                 bar.update(1)
     pert_s = time.perf_counter() - t
     sens = np.array([traces[m.name] if traces is not None else nuc[m.name] for m in modules])

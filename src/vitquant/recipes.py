@@ -189,8 +189,8 @@ def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Qu
 
 
 def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quantizer]]:
-    def act(groups=1, group_dim=None):
-        return UniformQuantizer(cfg.a_bits, signed=cfg.signed_activations, groups=groups, group_dim=group_dim,
+    def act(groups=1, group_dim=None, signed=cfg.signed_activations):
+        return UniformQuantizer(cfg.a_bits, signed=signed, groups=groups, group_dim=group_dim,
                                 percentile=cfg.percentile)
 
     if isinstance(op, QuantConv2d):  # patch embedding: per output channel, input (image) not quantized
@@ -212,7 +212,7 @@ def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quanti
         if op.role == "matmul_av" and cfg.softmax_twin:
             a = TwinSoftmaxQuantizer(cfg.a_bits)
         elif op.role == "matmul_av" and cfg.unsigned_softmax:
-            a = UniformQuantizer(cfg.a_bits, signed=False, groups=heads, group_dim=1, percentile=cfg.percentile)
+            a = act(heads, 1, signed=False)
         else:
             a = act(heads, 1)
         return {"a": a, "b": act(heads, 1)}

@@ -5,7 +5,7 @@ for twin quantizers two of each plus a select); on CPU these passes, not the mat
 cost of simulated-quantized inference (DeiT-Tiny: 1.34x the FP32 time). ``torch.compile`` fuses
 each function into one loop over the tensor. The fused and the eager function compute the same
 IEEE operations in the same order (every divisor is a tensor, so no division becomes a
-multiplication by a reciprocal), and ``tests/test_quantizers.py`` checks that they agree bit for
+multiplication by a reciprocal), and ``tests/test_kernels.py`` checks that they agree bit for
 bit, rounding ties included.
 
 Fusion is used for inference only (:meth:`Quantizer.forward` without autograd); the calibration
@@ -36,19 +36,27 @@ def uniform_affine(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: floa
     return (x / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
 
 
+def twin_softmax_split(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: float):
+    """Post-softmax twin uniform codes: (``x`` in R1, R1 value code, R2 value code)."""
+    return x < levels * s1, (x / s1).round_().clamp_(0, levels - 1), (x / s2).round_().clamp_(0, levels - 1)
+
+
 def twin_softmax(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: float) -> torch.Tensor:
     """PTQ4ViT post-softmax twin uniform: R1 (interval ``s1``) for ``x < levels * s1``, else R2."""
-    v1 = (x / s1).round_().clamp_(0, levels - 1).mul_(s1)
-    v2 = (x / s2).round_().clamp_(0, levels - 1).mul_(s2)
-    return torch.where(x < levels * s1, v1, v2)
+    in_r1, v1, v2 = twin_softmax_split(x, s1, s2, levels)
+    return torch.where(in_r1, v1.mul_(s1), v2.mul_(s2))
+
+
+def twin_gelu_split(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels: float):
+    """Post-GELU twin uniform codes in R2 (non-negative) and R1 (negative); each is 0 outside its
+    range, so their sum selects by sign."""
+    return (x / s_pos).round_().clamp_(0, levels - 1), (x / s_neg).round_().clamp_(-levels, 0)
 
 
 def twin_gelu(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels: float) -> torch.Tensor:
-    """PTQ4ViT post-GELU twin uniform: non-negative values on ``s_pos``, negative on ``s_neg``
-    (each range's code is 0 outside it, so the sum selects by sign)."""
-    pos = (x / s_pos).round_().clamp_(0, levels - 1).mul_(s_pos)
-    neg = (x / s_neg).round_().clamp_(-levels, 0).mul_(s_neg)
-    return pos.add_(neg)
+    """PTQ4ViT post-GELU twin uniform: non-negative values on ``s_pos``, negative on ``s_neg``."""
+    pos, neg = twin_gelu_split(x, s_pos, s_neg, levels)
+    return pos.mul_(s_pos).add_(neg.mul_(s_neg))
 
 
 # -- dispatch ---------------------------------------------------------------------------------------

@@ -28,18 +28,14 @@ class TwinSoftmaxQuantizer(Quantizer):
         self.d2 = 1.0 / self.levels
         self.max_exponent = max_exponent
 
-    def _split(self, x, s):
-        in_r1 = x < self.levels * s
-        v1 = (x / s).round_().clamp_(0, self.levels - 1)
-        v2 = (x / self.d2).round_().clamp_(0, self.levels - 1)
-        return in_r1, v1, v2
+    def _args(self, x, s):
+        return x, s, torch.full_like(s, self.d2), float(self.levels)
 
     def _fake_quant(self, x, s, shape, fused=False):
-        return kernels.run_kernel(kernels.twin_softmax, x, s, torch.full_like(s, self.d2), float(self.levels),
-                                  fused=fused)
+        return kernels.run_kernel(kernels.twin_softmax, *self._args(x, s), fused=fused)
 
     def _codes(self, x, s, shape):
-        in_r1, v1, v2 = self._split(x, s)
+        in_r1, v1, v2 = kernels.twin_softmax_split(*self._args(x, s))
         return torch.where(in_r1, v1, v2 + self.levels)
 
     def _dequant(self, q, s, shape):
@@ -70,15 +66,11 @@ class TwinGeluQuantizer(Quantizer):
         self.levels = 2 ** (bits - 1)
         self.d_neg = GELU_MIN / self.levels
 
-    def _split(self, x, s):
-        """Codes in R2 and in R1; each is 0 outside its range (clamped at 0), so their sum
-        selects by sign."""
-        pos = (x / s).round_().clamp_(0, self.levels - 1)
-        neg = (x / self.d_neg).round_().clamp_(-self.levels, 0)
-        return pos, neg
+    def _args(self, x, s):
+        return x, s, torch.full_like(s, self.d_neg), float(self.levels)
 
     def _codes(self, x, s, shape):
-        pos, neg = self._split(x, s)
+        pos, neg = kernels.twin_gelu_split(*self._args(x, s))
         return pos.add_(neg)
 
     def _dequant(self, q, s, shape):
@@ -86,8 +78,7 @@ class TwinGeluQuantizer(Quantizer):
         return torch.where(q >= 0, q * s, q * self.d_neg)
 
     def _fake_quant(self, x, s, shape, fused=False):
-        return kernels.run_kernel(kernels.twin_gelu, x, s, torch.full_like(s, self.d_neg), float(self.levels),
-                                  fused=fused)
+        return kernels.run_kernel(kernels.twin_gelu, *self._args(x, s), fused=fused)
 
     def initial_scale(self, x):
         m = reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max")
