@@ -36,13 +36,13 @@ def data_args(sample_dir):
             "--eval-data", img, "--eval-list", str(sample_dir / "splits" / "eval.txt")]
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "base", "ptq4vit", "liu2021"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "base", "ptq4vit", "liu2021", "tsptq"])
 def test_quantize_writes_the_contract_json(method, sample_dir, checkpoint, tmp_path, capsys):
     out_json = tmp_path / "r.json"
     code, out, err = run(["quantize", MODEL, "--method", method, "--w-bits", "6", "--a-bits", "6",
                           "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST,
                           "--json", str(out_json), "--seed", "0", "--device", "cpu",
-                          *(SEARCH if method in ("base", "ptq4vit") else [])], capsys)
+                          *(SEARCH if method in ("base", "ptq4vit", "tsptq") else [])], capsys)
     assert code == 0, err
     r = json.loads(out_json.read_text())
     for key in ("model", "method", "w_bits", "a_bits", "num_calib", "num_eval", "fp32_top1", "quant_top1",
@@ -111,6 +111,12 @@ def _bad_cases(sample_dir, checkpoint, tmp_path):
                                  "cannot be met"),
         "ranking options without ranking": (base + ["--method", "liu2021", "--no-ranking", "--ranking-theta", "1"],
                                             "drop --no-ranking"),
+        "twin and V-2SF together": (base + ["--softmax-twin", "on", "--softmax-v2sf", "on"], "exclude each other"),
+        "LayerNorm quantizer in the partial setting": (base + ["--layernorm-quantizer", "uniform"],
+                                                       "needs the fully quantized setting"),
+        "unknown LayerNorm quantizer": (base + ["--method", "tsptq", "--layernorm-quantizer", "log"], "invalid choice"),
+        "V-2SF at 2 bits": (base + ["--method", "tsptq", "--w-bits", "2", "--a-bits", "2"], "at least 3"),
+        "unknown plot block": (base + ["--method", "tsptq", "--plots", "--plot-block", "blocks.99"], "unknown block"),
     }
 
 
@@ -129,6 +135,39 @@ def test_liu2021_mixed_precision_json_and_plots(sample_dir, checkpoint, tmp_path
     for png in r["plots"]:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert "mixed precision" in text
+
+
+def test_tsptq_full_and_partial_settings_json_and_plots(sample_dir, checkpoint, tmp_path, capsys):
+    out = tmp_path / "ts.json"
+    code, text, err = run(["quantize", MODEL, "--method", "tsptq", "--w-bits", "6", "--a-bits", "6",
+                           "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH,
+                           "--plots", "--plot-block", "blocks.3", "--json", str(out)], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["setting"] == "full" == r["config"]["setting"]
+    lo = r["layernorm_outliers"]
+    assert len(lo) == 2 * 12 + 1 and all(v["quantizer"] == "o2sf" and v["channels"] == 192 for v in lo.values())
+    assert all(v["outliers"] == len(v["outlier_channels"]) for v in lo.values())
+    assert any(p.endswith("_v2sf_hist.png") for p in r["plots"])
+    assert sum("_o2sf_" in p for p in r["plots"]) == 2  # norm1 and norm2 of the chosen block
+    for png in r["plots"]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "setting" in text and "O-2SF" in text
+
+    # partial setting: no LayerNorm quantized; PTQ4ViT in the full setting gets O-2SF LayerNorms
+    code, _, err = run(["quantize", MODEL, "--method", "tsptq", "--quantize-layernorm", "off", "--w-bits", "6",
+                        "--a-bits", "6", "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH,
+                        "--json", str(out)], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["setting"] == "partial" and "layernorm_outliers" not in r and r["config"]["softmax_v2sf"]
+    code, _, err = run(["quantize", MODEL, "--method", "ptq4vit", "--quantize-layernorm", "--softmax-v2sf", "on",
+                        "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH, "--json", str(out)],
+                       capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["setting"] == "full" and r["config"]["softmax_v2sf"] and not r["config"]["softmax_twin"]
+    assert r["config"]["gelu_twin"] and len(r["layernorm_outliers"]) == 25
 
 
 def test_bad_input_gives_one_error_line_and_no_output(sample_dir, checkpoint, tmp_path, capsys):

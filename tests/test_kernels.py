@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_swin, tiny_vit
-from vitquant.quantizers import TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer, kernels
+from vitquant.quantizers import (OutlierTwoScaleQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer,
+                                 ValueTwoScaleQuantizer, kernels)
 
 
 def _with_ties(x: torch.Tensor, step: float) -> torch.Tensor:
@@ -53,6 +54,15 @@ def _cases():
     tg = TwinGeluQuantizer(6)
     tg.set_scale(torch.tensor([scale]))
     yield "twin gelu", tg, _with_ties(act, scale)
+    vs = ValueTwoScaleQuantizer(6, groups=3, group_dim=1)
+    vs.set_scale(torch.tensor([[scale / 8, 3.0], [scale / 4, 2.0], [scale / 16, 4.0]]))
+    yield "V-2SF softmax per head", vs, attn
+    vg = ValueTwoScaleQuantizer(6, signed=True)
+    vg.set_scale(torch.tensor([[scale, 2.0]]))
+    yield "V-2SF gelu", vg, _with_ties(act, scale)
+    o2 = OutlierTwoScaleQuantizer(8, 48)
+    o2.set_scale(o2.initial_scale(x3 * torch.linspace(0.2, 30, 48)))
+    yield "O-2SF", o2, _with_ties(x3 * torch.linspace(0.2, 30, 48), float(o2.scale[0, 0]))
 
 
 @pytest.mark.parametrize("name,quantizer,x", list(_cases()), ids=[c[0] for c in _cases()])

@@ -124,7 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--sensitivity", choices=["nuclear", "hessian"],
                     help="mixed-precision sensitivity: nuclear norm (paper) or Hessian trace (HAWQ-v2)")
     lq.add_argument("--plots", action="store_true",
-                    help="write PNG plots next to the --json file (nuclear norms and bit allocation)")
+                    help="write PNG plots next to the --json file: nuclear norms and bit allocation; with "
+                         "two-scaled quantizers also activation histograms with both scales' ranges")
+    tq = q.add_argument_group("TSPTQ-ViT (tsptq; the switches apply to any recipe)")
+    tq.add_argument("--quantize-layernorm", type=_on_off, nargs="?", const=True, metavar="on|off",
+                    help="fully quantized setting: quantize every LayerNorm input too (tsptq: on)")
+    tq.add_argument("--layernorm-quantizer", choices=["o2sf", "uniform"],
+                    help="quantizer of the LayerNorm inputs: O-2SF two-scaled (default) or per-tensor uniform")
+    tq.add_argument("--softmax-v2sf", type=_on_off, metavar="on|off", help="V-2SF for post-softmax (tsptq: on)")
+    tq.add_argument("--gelu-v2sf", type=_on_off, metavar="on|off", help="V-2SF for post-GELU (tsptq: on)")
+    tq.add_argument("--plot-block", metavar="NAME",
+                    help="block shown in the --plots activation histograms, e.g. blocks.6 (default: the middle one)")
     r = q.add_argument_group("run")
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
@@ -141,7 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args):
     from .calibration.objectives import RankingPearson
     from .recipes import MixedPrecisionConfig, get_recipe
-    overrides = dict(softmax_twin=args.softmax_twin, gelu_twin=args.gelu_twin, rounds=args.search_rounds,
+    # V-2SF and twin uniform exclude each other: asking for one turns the other off unless both are given
+    twin_v2sf = {}
+    for act in ("softmax", "gelu"):
+        twin, v2sf = getattr(args, f"{act}_twin"), getattr(args, f"{act}_v2sf")
+        if twin and v2sf:
+            raise VitquantError(f"--{act}-twin on and --{act}-v2sf on exclude each other; give one")
+        twin_v2sf[f"{act}_twin"] = False if v2sf and twin is None else twin
+        twin_v2sf[f"{act}_v2sf"] = False if twin and v2sf is None else v2sf
+    overrides = dict(**twin_v2sf, quantize_layernorm=args.quantize_layernorm,
+                     layernorm_quantizer=args.layernorm_quantizer, rounds=args.search_rounds,
                      num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
                      memory_budget_mb=args.search_memory_mb, percentile=args.percentile,
                      objective=args.objective, screen_images=args.screen_images,
@@ -167,6 +186,8 @@ def _config_from_args(args):
             if cfg.ranking is None:
                 cfg = cfg.replace(ranking=RankingPearson())
             cfg = cfg.replace(**ranking)
+        if args.layernorm_quantizer and not cfg.quantize_layernorm:
+            raise VitquantError("--layernorm-quantizer needs the fully quantized setting; add --quantize-layernorm")
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
                   sensitivity=args.sensitivity)
         mp = {k: v for k, v in mp.items() if v is not None}
@@ -191,7 +212,7 @@ def run_quantize(args) -> dict:
     from .io import atomic_write_json
     from .models import data_config_for, load_model
     from .quantizers.kernels import fused_kernels_enabled, set_fused_kernels
-    from .report import environment, print_summary
+    from .report import environment, layernorm_outliers, print_summary
     from .runtime import tune_runtime
 
     cfg = _config_from_args(args)
@@ -276,19 +297,23 @@ def run_quantize(args) -> dict:
     }
     if report.mixed_precision is not None:
         result["mixed_precision"] = report.mixed_precision
+    result["setting"] = cfg.setting
+    if cfg.quantize_layernorm:
+        result["layernorm_outliers"] = layernorm_outliers(model)
     if args.plots:
-        result["plots"] = _write_plots(args.json, model, calib, cfg, report)
+        result["plots"] = _write_plots(args.json, model, calib, cfg, report, args.plot_block)
     print_summary(result)
     if args.json:
         atomic_write_json(args.json, result)
     return result
 
 
-def _write_plots(json_path: str, model, calib, cfg, report) -> list[str]:
-    """Nuclear norm per module and bit allocation per module, as PNG next to the JSON file."""
+def _write_plots(json_path: str, model, calib, cfg, report, block: Optional[str]) -> list[str]:
+    """Nuclear norm per module and bit allocation per module, and (with two-scaled quantizers)
+    the activation histograms of one block, as PNG next to the JSON file."""
     from .mixed_precision import nuclear_norms
     from .nn.wrap import quant_modules
-    from .plots import plot_bit_allocation, plot_nuclear_norms
+    from .plots import plot_bit_allocation, plot_nuclear_norms, plot_two_scale_histograms
     stem = os.path.splitext(json_path)[0]
     mp = report.mixed_precision
     if mp is not None:
@@ -300,8 +325,13 @@ def _write_plots(json_path: str, model, calib, cfg, report) -> list[str]:
         modules = [dict(name=m.name, kind=m.kind, nuclear_norm=nuc[m.name], bits=cfg.w_bits) for m in mods]
         note = "single precision"
     title = f"{cfg.method} W{cfg.w_bits}A{cfg.a_bits}"
-    return [str(plot_nuclear_norms(modules, f"{stem}_nuclear_norm.png", f"{title}: module sensitivity")),
-            str(plot_bit_allocation(modules, f"{stem}_bits.png", f"{title}: bits per module", note))]
+    paths = [plot_nuclear_norms(modules, f"{stem}_nuclear_norm.png", f"{title}: module sensitivity"),
+             plot_bit_allocation(modules, f"{stem}_bits.png", f"{title}: bits per module", note)]
+    try:
+        paths += plot_two_scale_histograms(model, calib.tensors(0, 8), stem, title, block)
+    except ValueError as e:
+        raise VitquantError(str(e)) from None
+    return [str(p) for p in paths]
 
 
 def _check_writable(path: str) -> None:

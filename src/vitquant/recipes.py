@@ -12,9 +12,10 @@ from typing import Literal, Optional
 from .calibration.bias_correction import correct_bias
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
-from .nn.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp, _WeightOp
+from .nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp, _WeightOp
 from .nn.wrap import quant_ops
-from .quantizers import Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer
+from .quantizers import (OutlierTwoScaleQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+                         UniformQuantizer, ValueTwoScaleQuantizer)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ class QuantConfig:
     per_channel_weights: bool = False       # Linear weights: one scale per output channel
     signed_activations: bool = True         # symmetric signed codes for activations
     unsigned_softmax: bool = False          # plain-uniform post-softmax operand on [0, 2^b - 1]
+    softmax_v2sf: bool = False              # TSPTQ-ViT V-2SF for post-softmax (attn @ v input)
+    gelu_v2sf: bool = False                 # TSPTQ-ViT V-2SF for post-GELU (fc2 input)
+    quantize_layernorm: bool = False        # fully quantized setting: every LayerNorm input too
+    layernorm_quantizer: Literal["o2sf", "uniform"] = "o2sf"  # its quantizer (TSPTQ-ViT O-2SF)
     ranking: Optional[RankingPearson] = None  # q @ k^T objective: gamma * ranking loss - Pearson
     bias_correction: bool = False           # fold the mean output error into the bias (Liu et al.)
     mixed_precision: Optional[MixedPrecisionConfig] = None
@@ -101,9 +106,21 @@ class QuantConfig:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.batch_size < 1:
             raise ValueError("batch size must be >= 1")
+        if self.softmax_v2sf and self.softmax_twin or self.gelu_v2sf and self.gelu_twin:
+            raise ValueError("an activation gets either twin uniform or V-2SF quantization, not both; "
+                             "turn one off (--softmax-twin off / --gelu-twin off)")
+        if self.layernorm_quantizer not in ("o2sf", "uniform"):
+            raise ValueError(f"unknown LayerNorm quantizer {self.layernorm_quantizer!r}; choose o2sf or uniform")
+        if (self.softmax_v2sf or self.gelu_v2sf) and self.a_bits < 3:
+            raise ValueError("V-2SF needs at least 3 activation bits")
         if self.mixed_precision is not None and self.w_bits != self.a_bits:
             raise ValueError("mixed precision gives weights and inputs of a module one bit-width; "
                              "use equal --w-bits and --a-bits")
+
+    @property
+    def setting(self) -> str:
+        """``full`` when LayerNorm inputs are quantized too (TSPTQ-ViT), else ``partial`` (PTQ4ViT)."""
+        return "full" if self.quantize_layernorm else "partial"
 
     @property
     def hessian(self) -> bool:
@@ -127,7 +144,7 @@ class QuantConfig:
         return cfg
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return dataclasses.asdict(self) | {"setting": self.setting}
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +189,15 @@ def liu2021(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
                        ranking=RankingPearson(), bias_correction=True)
 
 
-RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021}
+def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
+    """TSPTQ-ViT: PTQ4ViT's Hessian-guided search with two-scaled factors, V-2SF for post-softmax
+    and post-GELU, and the fully quantized setting: every LayerNorm input quantized with O-2SF."""
+    return QuantConfig("tsptq", w_bits, a_bits, search=SearchConfig(objective="hessian"), softmax_twin=False,
+                       gelu_twin=False, softmax_v2sf=True, gelu_v2sf=True, quantize_layernorm=True)
+
+
+RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021,
+           "tsptq": tsptq}
 
 
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
@@ -202,8 +227,11 @@ def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quanti
             wq = UniformQuantizer(cfg.w_bits, groups=op.out_features, group_dim=0)
         else:
             wq = UniformQuantizer(cfg.w_bits)
-        if cfg.gelu_twin and getattr(op, "input_kind", None) == "post_gelu":
+        post_gelu = getattr(op, "input_kind", None) == "post_gelu"
+        if cfg.gelu_twin and post_gelu:
             iq = TwinGeluQuantizer(cfg.a_bits)
+        elif cfg.gelu_v2sf and post_gelu:
+            iq = ValueTwoScaleQuantizer(cfg.a_bits, signed=True)
         else:
             iq = act()
         return {"weight": wq, "input": iq}
@@ -211,11 +239,19 @@ def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quanti
         heads = op.num_heads if cfg.per_head_matmul else 1
         if op.role == "matmul_av" and cfg.softmax_twin:
             a = TwinSoftmaxQuantizer(cfg.a_bits)
+        elif op.role == "matmul_av" and cfg.softmax_v2sf:
+            a = ValueTwoScaleQuantizer(cfg.a_bits, groups=heads, group_dim=1)
         elif op.role == "matmul_av" and cfg.unsigned_softmax:
             a = act(heads, 1, signed=False)
         else:
             a = act(heads, 1)
         return {"a": a, "b": act(heads, 1)}
+    if isinstance(op, QuantLayerNorm):
+        if not cfg.quantize_layernorm:
+            return {"input": None}
+        if cfg.layernorm_quantizer == "o2sf":
+            return {"input": OutlierTwoScaleQuantizer(cfg.a_bits, op.channels)}
+        return {"input": act()}
     raise TypeError(f"no quantizer rule for {type(op).__name__}")
 
 

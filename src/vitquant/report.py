@@ -16,6 +16,25 @@ def environment() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def layernorm_outliers(model) -> dict:
+    """Per quantized LayerNorm input: its quantizer, channel count, O-2SF outlier channels and
+    exponent ``m`` (outlier step = ``s * 2^m``)."""
+    from .nn.modules import QuantLayerNorm
+    from .quantizers import OutlierTwoScaleQuantizer
+    out = {}
+    for name, op in model.named_modules():
+        q = getattr(op, "input_quantizer", None) if isinstance(op, QuantLayerNorm) else None
+        if q is None:
+            continue
+        row = {"quantizer": "o2sf" if isinstance(q, OutlierTwoScaleQuantizer) else "uniform", "channels": op.channels}
+        if isinstance(q, OutlierTwoScaleQuantizer):
+            flags = q.outlier_flags()
+            row.update(outliers=int(flags.sum()), exponent=int(q.scale[0, 1]), step=float(q.scale[0, 0]),
+                       outlier_channels=flags.nonzero().flatten().tolist())
+        out[name] = row
+    return out
+
+
 def print_summary(r: dict) -> None:
     rows = [("model", r["model"]), ("method", f"{r['method']} W{r['w_bits']}A{r['a_bits']}"),
             ("images", f"{r['num_calib']} calibration / {r['num_eval']} evaluation"),
@@ -25,6 +44,12 @@ def print_summary(r: dict) -> None:
             ("model size", f"{r['model_size_mb']:.2f} MB (FP32 {r['fp32_model_size_mb']:.2f} MB)"),
             ("calibration", f"{r['calib_seconds']:.1f} s"),
             ("evaluation FP32 / quant", f"{r['fp32_eval_seconds']:.1f} / {r['eval_seconds']:.1f} s")]
+    if r.get("setting") == "full":
+        lo = r.get("layernorm_outliers", {})
+        o2 = [v for v in lo.values() if v["quantizer"] == "o2sf"]
+        what = (f"O-2SF, {sum(v['outliers'] for v in o2)} outlier channels in {sum(v['outliers'] > 0 for v in o2)}"
+                f" of {len(o2)}" if o2 else f"uniform, {len(lo)}")
+        rows.insert(2, ("setting", f"full (LayerNorm inputs quantized: {what} LayerNorms)"))
     mp = r.get("mixed_precision")
     if mp:
         rows.insert(6, ("mixed precision", f"{mp['size_mb']:.2f} MB (budget {mp['budget_mb']:.2f} MB), bits "

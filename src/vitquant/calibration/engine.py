@@ -82,7 +82,7 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                 output.register_hook(lambda g: rows.add(g.detach(), n))
         return fn
 
-    with _forward_hooks(quant_ops(model), hook), quantization_disabled(model), torch.enable_grad():
+    with _forward_hooks(quant_ops(model, active=True), hook), quantization_disabled(model), torch.enable_grad():
         for batch in _batches(images, batch_size):
             batch_images[0] = batch.shape[0]
             logits = model(batch)

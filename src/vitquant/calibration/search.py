@@ -46,7 +46,8 @@ def _chunk_sizes(op: QuantOp, data: OpData, operand: str, n_cand: int, budget_by
 @torch.no_grad()
 def evaluate_candidates(op: QuantOp, data: OpData, operand: str, candidates: torch.Tensor,
                         objective: str, memory_budget_mb: float) -> torch.Tensor:
-    """Distance ``[C, G]`` of each candidate scale ``[C, G]`` of ``operand`` (others fixed)."""
+    """Distance ``[C, G]`` of each candidate ``[C, G]`` (or ``[C, G, P]``) of ``operand``
+    (others fixed)."""
     fn = get_objective(objective)
     q = op.quantizer(operand)
     group_dim = op.output_group_dim(operand)
@@ -75,10 +76,18 @@ def _subset(data: OpData, n: int) -> OpData:
                   None if data.grad is None else data.grad[idx])
 
 
+def _take(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [k, G]`` of each group's candidates from ``grid [C, G]`` or ``[C, G, P]``."""
+    if grid.dim() == 3:
+        idx = idx[..., None].expand(-1, -1, grid.shape[2])
+    return grid.gather(0, idx)
+
+
 def _best(grid: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The lowest-distance scale of each group ``[G]`` and the summed distance of the choice."""
+    """The lowest-distance parameters of each group ``[G]`` (or ``[G, P]``) and the summed
+    distance of the choice."""
     idx = scores.argmin(dim=0)[None]
-    return grid.gather(0, idx).squeeze(0), float(scores.gather(0, idx).sum())
+    return _take(grid, idx).squeeze(0), float(scores.gather(0, idx).sum())
 
 
 def search_operand(op: QuantOp, data: OpData, operand: str, grid: torch.Tensor, objective: str,
@@ -95,7 +104,7 @@ def search_operand(op: QuantOp, data: OpData, operand: str, grid: torch.Tensor, 
         return _best(grid, evaluate_candidates(op, data, operand, grid, objective, memory_budget_mb))
     rough = evaluate_candidates(op, _subset(data, screen_images), operand, grid, objective, memory_budget_mb)
     top = rough.topk(screen_top_k, dim=0, largest=False).indices  # [k, G]
-    short = grid.gather(0, top)  # [k, G]: the k best of each group, groups independent
+    short = _take(grid, top)  # [k, G(, P)]: the k best of each group, groups independent
     return _best(short, evaluate_candidates(op, data, operand, short, objective, memory_budget_mb))
 
 

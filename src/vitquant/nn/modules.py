@@ -199,3 +199,33 @@ class QuantMatMul(QuantOp):
 
     def extra_repr(self):
         return self.role
+
+
+class QuantLayerNorm(QuantOp):
+    """LayerNorm with a quantized input (the residual stream; TSPTQ-ViT's fully quantized
+    setting). The normalisation, its affine parameters and its output stay FP32. Parameters are
+    shared with the timm module and keep its names (``norm1.weight``, ...)."""
+
+    operand_names = ("input",)
+
+    def __init__(self, module: nn.LayerNorm, role: str = "layernorm"):
+        super().__init__(role)
+        self.normalized_shape = tuple(module.normalized_shape)
+        self.eps = module.eps
+        self.weight, self.bias = module.weight, module.bias
+        self.input_quantizer: Optional[Quantizer] = None
+
+    @property
+    def channels(self) -> int:
+        return self.normalized_shape[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(self._q("input", x), self.normalized_shape, self.weight, self.bias, self.eps)
+
+    def candidate_outputs(self, inputs, operand, scales):
+        (x,) = inputs
+        return F.layer_norm(self.input_quantizer.fake_quant(x, scales), self.normalized_shape,
+                            self.weight, self.bias, self.eps)
+
+    def extra_repr(self):
+        return f"{self.role}: {self.normalized_shape}, eps={self.eps}"

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from .attention import QuantAttention, QuantWindowAttention
-from .modules import QuantConv2d, QuantLinear, QuantMatMul, QuantOp
+from .modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp
 
 SUPPORTED_FAMILIES = ("VisionTransformer", "VisionTransformerDistilled", "SwinTransformer")
 _BLOCK_TYPES = ("Block", "SwinTransformerBlock", "PatchMerging")
@@ -53,6 +53,8 @@ def wrap_model(model: nn.Module) -> nn.Module:
             _replace(model, name, QuantLinear(module, role))
         elif isinstance(module, nn.Conv2d) and name.endswith("patch_embed.proj"):
             _replace(model, name, QuantConv2d(module, "patch_embed"))
+        elif isinstance(module, nn.LayerNorm):  # input quantized only in the fully quantized setting
+            _replace(model, name, QuantLayerNorm(module))
     # Mark the inputs with special distributions: fc2 after GELU, attn@v after softmax.
     for module in model.modules():
         if all(hasattr(module, a) for a in ("fc1", "act", "fc2")) and isinstance(module.fc2, QuantLinear):
@@ -60,16 +62,18 @@ def wrap_model(model: nn.Module) -> nn.Module:
     return model.train(model.training)  # new modules take the model's train/eval mode
 
 
-def quant_ops(model: nn.Module) -> list[tuple[str, QuantOp]]:
-    """All quantized ops in execution order (modules are registered in that order)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantOp)]
+def quant_ops(model: nn.Module, active: bool = False) -> list[tuple[str, QuantOp]]:
+    """All quantized ops in execution order (modules are registered in that order); with
+    ``active`` only those that have a quantizer (e.g. LayerNorms only in the full setting)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantOp) and (not active or m.quantizers())]
 
 
 def calibration_units(model: nn.Module) -> list[tuple[str, list[tuple[str, QuantOp]]]]:
-    """Quantized ops grouped by transformer block (or patch merging); other ops alone."""
+    """Quantized ops that have quantizers, grouped by transformer block (or patch merging);
+    other ops alone."""
     block_names = [n for n, m in model.named_modules() if type(m).__name__ in _BLOCK_TYPES]
     units: list[tuple[str, list]] = []
-    for name, op in quant_ops(model):
+    for name, op in quant_ops(model, active=True):
         owner = next((b for b in block_names if name.startswith(b + ".")), name)
         if units and units[-1][0] == owner:
             units[-1][1].append((name, op))
@@ -130,4 +134,4 @@ def quantization_disabled(model: nn.Module):
 
 __all__ = ["wrap_model", "quant_ops", "calibration_units", "quantization_disabled", "quantization_only",
            "quant_modules", "QuantModule", "is_wrapped",
-           "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantOp"]
+           "QuantLinear", "QuantConv2d", "QuantMatMul", "QuantLayerNorm", "QuantOp"]

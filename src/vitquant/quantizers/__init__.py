@@ -1,7 +1,9 @@
-"""Fake quantizers: uniform (all granularities) and PTQ4ViT twin uniform."""
+"""Fake quantizers: uniform (all granularities), PTQ4ViT twin uniform, TSPTQ-ViT two-scaled."""
 from . import kernels
 from .base import Quantizer, grouped_scale
 from .twin import TwinGeluQuantizer, TwinSoftmaxQuantizer
+from .two_scale import OutlierTwoScaleQuantizer, ValueTwoScaleQuantizer
 from .uniform import UniformQuantizer
 
-__all__ = ["kernels", "Quantizer", "UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer", "grouped_scale"]
+__all__ = ["kernels", "Quantizer", "UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer",
+           "ValueTwoScaleQuantizer", "OutlierTwoScaleQuantizer", "grouped_scale"]

@@ -28,13 +28,18 @@ def grouped_scale(scale: torch.Tensor, x_shape: torch.Size, group_dim: int | Non
 
 
 class Quantizer(nn.Module):
-    """A fake quantizer with one searched parameter, ``scale`` of shape ``[G]``.
+    """A fake quantizer with searched parameters ``scale``: shape ``[G]`` (one scale per group)
+    or ``[G, P]`` when the quantizer has ``params_per_group = P > 1`` (e.g. a scale and a
+    power-of-two exponent).
 
     Subclasses implement :meth:`_fake_quant` (values) and :meth:`_codes` (integer codes) on a
-    tensor whose grouped dimension has already been split, with a scale that broadcasts.
-    Every method accepts a scale with extra leading *candidate* dimensions, which is how the
-    search evaluates many candidates in one tensor operation.
+    tensor whose grouped dimension has already been split, with a scale that broadcasts (for
+    ``P > 1``: a tuple of ``P`` such tensors). Every method accepts parameters with extra
+    leading *candidate* dimensions, which is how the search evaluates many candidates in one
+    tensor operation.
     """
+
+    params_per_group: int = 1
 
     def __init__(self, bits: int, groups: int = 1, group_dim: int | None = None):
         super().__init__()
@@ -43,7 +48,8 @@ class Quantizer(nn.Module):
         self.bits = bits
         self.groups = groups
         self.group_dim = group_dim if groups > 1 else None
-        self.register_buffer("scale", torch.ones(groups))
+        shape = (groups,) if self.params_per_group == 1 else (groups, self.params_per_group)
+        self.register_buffer("scale", torch.ones(shape))
         self.enabled = True
         self.calibrated = False
 
@@ -71,8 +77,13 @@ class Quantizer(nn.Module):
     # -- shared -------------------------------------------------------------------------------
     def _run(self, fn_name: str, x: torch.Tensor, scale: torch.Tensor | None, **kwargs) -> torch.Tensor:
         scale = self.scale if scale is None else scale
-        s, view = grouped_scale(scale, x.shape, self.group_dim)
-        lead = scale.shape[:-1]
+        if self.params_per_group == 1:
+            s, view = grouped_scale(scale, x.shape, self.group_dim)
+            lead = scale.shape[:-1]
+        else:
+            parts = [grouped_scale(scale[..., i], x.shape, self.group_dim) for i in range(self.params_per_group)]
+            s, view = tuple(p[0] for p in parts), parts[0][1]
+            lead = scale.shape[:-2]
         out = getattr(self, fn_name)(x.reshape(view), s, x.shape, **kwargs)
         return out.reshape(*lead, *x.shape)
 
@@ -93,7 +104,7 @@ class Quantizer(nn.Module):
         return self._run("_dequant", codes, None)
 
     def set_scale(self, scale: torch.Tensor) -> None:
-        self.scale.copy_(scale.reshape(self.groups).to(self.scale))
+        self.scale.copy_(scale.reshape(self.scale.shape).to(self.scale))
         self.calibrated = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,12 @@ def uniform_symmetric(x: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float
     return (x / s).round_().clamp_(qmin, qmax).mul_(s)
 
 
+def uniform_channels(x: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """:func:`uniform_symmetric` with one step per channel (O-2SF); a separate function so that
+    its compiled kernels (another broadcast pattern) have their own cache."""
+    return (x / s).round_().clamp_(qmin, qmax).mul_(s)
+
+
 def uniform_affine(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) * s``, zero point ``z``."""
     return (x / s).round_().add_(z).clamp_(qmin, qmax).sub_(z).mul_(s)
@@ -57,6 +63,19 @@ def twin_gelu(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels:
     """PTQ4ViT post-GELU twin uniform: non-negative values on ``s_pos``, negative on ``s_neg``."""
     pos, neg = twin_gelu_split(x, s_pos, s_neg, levels)
     return pos.mul_(s_pos).add_(neg.mul_(s_neg))
+
+
+def two_scale_split(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float):
+    """V-2SF codes: (``x`` fits the fine range, fine value code, coarse value code)."""
+    fine = (x / s_fine).round_()
+    return (fine >= qmin) & (fine <= qmax), fine, (x / s_coarse).round_().clamp_(qmin, qmax)
+
+
+def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+    """TSPTQ-ViT V-2SF: the fine step ``s_fine`` where ``round(x / s_fine)`` fits ``[qmin, qmax]``,
+    else the coarse step ``s_coarse = s_fine * 2^m`` (clamped)."""
+    in_fine, fine, coarse = two_scale_split(x, s_fine, s_coarse, qmin, qmax)
+    return torch.where(in_fine, fine.mul_(s_fine), coarse.mul_(s_coarse))
 
 
 # -- dispatch ---------------------------------------------------------------------------------------
@@ -96,6 +115,11 @@ def run_kernel(fn: Callable, *args, fused: bool = False) -> torch.Tensor:
             log = logging.getLogger("torch.utils.cpp_extension")
             if log.level == logging.NOTSET:
                 log.setLevel(logging.ERROR)
+            # One kernel per broadcast pattern / rank / view-ness; several models or settings in
+            # one process exceed dynamo's default of 8 variants, after which it runs eagerly.
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            if limit is not None and limit < 64:
+                torch._dynamo.config.recompile_limit = 64
             compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
         try:
             return compiled(*args)

@@ -1,0 +1,156 @@
+"""TSPTQ-ViT two-scaled scaling factors (Tai, Lin, Wu, ICASSP 2023), as read in METHODS.md.
+
+Both quantizers have two searched parameters per group, ``scale[..., 0]`` (a step) and
+``scale[..., 1] = m`` (an integer exponent): the second step is the first times ``2^m``, a
+shift in integer arithmetic.
+
+* **V-2SF** (:class:`ValueTwoScaleQuantizer`), for post-Softmax and post-GELU activations: one
+  b-bit code = 1 range bit + a (b-1)-bit value. Values whose fine code ``round(x / s)`` fits the
+  value range keep the least-significant bits (fine step ``s``); larger values keep the
+  most-significant bits, i.e. the code of the coarse step ``s * 2^m``.
+* **O-2SF** (:class:`OutlierTwoScaleQuantizer`), for LayerNorm inputs (the residual stream):
+  one b-bit signed code per value, one step ``s`` for the whole tensor, and a 1-bit flag per
+  channel: channels whose calibrated range exceeds what ``s`` can represent (outliers) use
+  ``s * 2^m``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import kernels
+from .base import Quantizer, group_rows, reduce_to_groups
+
+
+def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: float, n: int,
+                   divide: bool) -> torch.Tensor:
+    """Candidates ``[n * len(exponents), G, 2]`` of (step, m): for every exponent m, ``n``
+    steps ``f * base / 2^m`` (``divide``) or ``f * base`` with ``f`` in ``[alpha, beta)``."""
+    factors = alpha + torch.arange(n, dtype=torch.float64) * (beta - alpha) / n
+    rows = []
+    for m in exponents:
+        step = factors[:, None] * base.double()[None, :] / (2.0 ** m if divide else 1.0)
+        rows.append(torch.stack([step, torch.full_like(step, float(m))], dim=-1))
+    return torch.cat(rows).float()
+
+
+class ValueTwoScaleQuantizer(Quantizer):
+    """V-2SF: fine step ``s`` for values whose code fits, coarse step ``s * 2^m`` for the rest.
+
+    Value codes: unsigned ``[0, 2^(b-1) - 1]`` (post-Softmax) or signed
+    ``[-2^(b-2), 2^(b-2) - 1]`` (post-GELU). Code layout: ``range_bit * 2^(b-1) + (value mod
+    2^(b-1))``, range_bit 1 = coarse. Searched: the coarse step (``coarse_candidates`` points of
+    ``[alpha, beta] x max|x| / qmax``) jointly with ``m`` in ``1..max_exponent``.
+    """
+
+    params_per_group = 2
+
+    def __init__(self, bits: int, *, signed: bool = False, groups: int = 1, group_dim: int | None = None,
+                 max_exponent: int = 8):
+        if bits < 3:
+            raise ValueError("V-2SF needs at least 3 bits (1 range bit and a value of >= 2 bits)")
+        super().__init__(bits, groups, group_dim)
+        self.signed = signed
+        self.half = 2 ** (bits - 1)  # value codes per range
+        self.qmin, self.qmax = (-(2 ** (bits - 2)), 2 ** (bits - 2) - 1) if signed else (0, self.half - 1)
+        self.max_exponent = max_exponent
+
+    def _args(self, x, s):
+        fine, m = s
+        return x, fine, fine * torch.exp2(m), float(self.qmin), float(self.qmax)
+
+    def _fake_quant(self, x, s, shape, fused=False):
+        return kernels.run_kernel(kernels.two_scale, *self._args(x, s), fused=fused)
+
+    def _codes(self, x, s, shape):
+        in_fine, fine, coarse = kernels.two_scale_split(*self._args(x, s))
+        value = torch.where(in_fine, fine, coarse)
+        return torch.remainder(value, self.half) + (~in_fine) * self.half
+
+    def _dequant(self, q, s, shape):
+        fine, m = s
+        q = q.to(fine.dtype)
+        coarse = q >= self.half
+        value = torch.remainder(q, self.half)
+        if self.signed:
+            value = torch.where(value > self.qmax, value - self.half, value)
+        return value * torch.where(coarse, fine * torch.exp2(m), fine)
+
+    def _coarse_base(self, x: torch.Tensor) -> torch.Tensor:
+        m = reduce_to_groups(x.detach(), self.group_dim, self.groups, "amax")
+        return (m / (self.qmax + 0.5)).clamp(min=1e-8)
+
+    def initial_scale(self, x):
+        m0 = min(3, self.max_exponent)
+        return torch.stack([self._coarse_base(x) / 2 ** m0, torch.full((self.groups,), float(m0))], -1).float()
+
+    def candidates(self, x, alpha, beta, n):
+        return _exponent_grid(self._coarse_base(x), range(1, self.max_exponent + 1), alpha, beta,
+                              max(20, math.ceil(n / 4)), divide=True)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", V-2SF {'signed' if self.signed else 'unsigned'}"
+
+
+class OutlierTwoScaleQuantizer(Quantizer):
+    """O-2SF: signed b-bit codes along the last (channel) dimension; one step ``s`` per tensor,
+    ``s * 2^m`` for the channels flagged as outliers: those whose calibrated ``max|x|`` exceeds
+    ``(qmax + 0.5) s``, the largest value ``s`` can represent. ``m = 0`` is plain per-tensor
+    uniform quantization (so the search can always fall back to it).
+
+    Searched: ``m`` in ``0..max_exponent`` jointly with ``s`` (``[alpha, beta] x
+    max|x| / (qmax + 0.5) / 2^m``); the flags follow from ``s`` and the channel ranges.
+    """
+
+    params_per_group = 2
+
+    def __init__(self, bits: int, channels: int, max_exponent: int = 6):
+        super().__init__(bits)
+        self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.max_exponent = max_exponent
+        self.register_buffer("channel_max", torch.zeros(channels))  # calibrated max|x| per channel
+
+    def _channel_step(self, s):
+        step, m = s  # [*lead, 1, ..., 1]
+        outlier = self.channel_max > (self.qmax + 0.5) * step
+        return torch.where(outlier, step * torch.exp2(m), step)  # [*lead, 1, ..., C]
+
+    def _fake_quant(self, x, s, shape, fused=False):
+        return kernels.run_kernel(kernels.uniform_channels, x, self._channel_step(s), float(self.qmin),
+                                  float(self.qmax), fused=fused)
+
+    def _codes(self, x, s, shape):
+        return (x / self._channel_step(s)).round_().clamp_(self.qmin, self.qmax)
+
+    def _dequant(self, q, s, shape):
+        return q.to(s[0].dtype) * self._channel_step(s)
+
+    def outlier_flags(self) -> torch.Tensor:
+        """Channels using the coarse step ``s * 2^m`` (bool ``[C]``); none when ``m = 0``."""
+        step, m = self.scale[0]
+        return (self.channel_max > (self.qmax + 0.5) * step) & (m > 0)
+
+    def _base(self) -> torch.Tensor:
+        return (self.channel_max.max() / (self.qmax + 0.5)).clamp(min=1e-8).reshape(1)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        """Calibrated channel ranges: ``max|x|`` per channel of the calibration data."""
+        x = x.detach()
+        if x.shape[-1] != self.channel_max.numel():
+            raise ValueError(f"O-2SF expects {self.channel_max.numel()} channels, got {x.shape[-1]}")
+        self.channel_max.copy_(group_rows(x, -1, x.shape[-1]).abs().amax(1))
+
+    def initial_scale(self, x):
+        self._observe(x)
+        ratio = float(self.channel_max.max() / self.channel_max.median().clamp(min=1e-8))
+        m0 = min(self.max_exponent, max(0, math.ceil(math.log2(max(ratio, 1.0)))))
+        return torch.stack([self._base() / 2 ** m0, torch.tensor([float(m0)])], -1).float()
+
+    def candidates(self, x, alpha, beta, n):
+        self._observe(x)
+        return _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
+                              max(20, math.ceil(n / 4)), divide=True)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", O-2SF channels={self.channel_max.numel()}"
