@@ -20,12 +20,13 @@ def test_v2sf_unsigned_codes_by_hand():
 
 
 def test_v2sf_signed_codes_by_hand():
-    q = ValueTwoScaleQuantizer(4, signed=True)  # values -4..3 per range, two's complement in 3 bits
+    q = ValueTwoScaleQuantizer(4, signed=True)  # fine values -4..3 (two's complement in 3 bits), coarse 0..7
     q.set_scale(torch.tensor([[0.05, 2.0]]))  # fine 0.05, coarse 0.2
-    x = torch.tensor([-0.17, -0.1, 0.0, 0.16, 0.19, 0.5, 1.0])
-    # -0.17 / 0.05 = -3.4 -> -3 -> 5 (mod 8); 0.19 -> 3.8 -> 4 > 3: coarse 0.95 -> 1 -> 8 + 1
-    assert q.quantize(x).tolist() == [5, 6, 0, 3, 9, 10, 11]
-    torch.testing.assert_close(q.fake_quant(x), torch.tensor([-0.15, -0.1, 0.0, 0.15, 0.2, 0.4, 0.6]))
+    x = torch.tensor([-0.17, -0.1, 0.0, 0.16, 0.19, 0.5, 1.0, 2.0, -0.3])
+    # -0.17 / 0.05 = -3.4 -> -3 -> 5 (mod 8); 0.19 -> 3.8 -> 4 > 3: coarse 0.95 -> 1 -> 8 + 1;
+    # 2.0 -> coarse 10, clamped to 7; -0.3 -> fine -6 does not fit, coarse -1.5 -> -2 clamped to 0
+    assert q.quantize(x).tolist() == [5, 6, 0, 3, 9, 10, 13, 15, 8]
+    torch.testing.assert_close(q.fake_quant(x), torch.tensor([-0.15, -0.1, 0.0, 0.15, 0.2, 0.4, 1.0, 1.4, 0.0]))
     torch.testing.assert_close(q.dequantize(q.quantize(x)), q.fake_quant(x))
 
 

@@ -65,16 +65,18 @@ def twin_gelu(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels:
     return pos.mul_(s_pos).add_(neg.mul_(s_neg))
 
 
-def two_scale_split(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float):
+def two_scale_split(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float,
+                    cmax: float):
     """V-2SF codes: (``x`` fits the fine range, fine value code, coarse value code)."""
     fine = (x / s_fine).round_()
-    return (fine >= qmin) & (fine <= qmax), fine, (x / s_coarse).round_().clamp_(qmin, qmax)
+    return (fine >= qmin) & (fine <= qmax), fine, (x / s_coarse).round_().clamp_(0.0, cmax)
 
 
-def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
+def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float,
+              cmax: float) -> torch.Tensor:
     """TSPTQ-ViT V-2SF: the fine step ``s_fine`` where ``round(x / s_fine)`` fits ``[qmin, qmax]``,
-    else the coarse step ``s_coarse = s_fine * 2^m`` (clamped)."""
-    in_fine, fine, coarse = two_scale_split(x, s_fine, s_coarse, qmin, qmax)
+    else the coarse step ``s_coarse = s_fine * 2^m`` (unsigned codes, clamped to ``[0, cmax]``)."""
+    in_fine, fine, coarse = two_scale_split(x, s_fine, s_coarse, qmin, qmax, cmax)
     return torch.where(in_fine, fine.mul_(s_fine), coarse.mul_(s_coarse))
 
 

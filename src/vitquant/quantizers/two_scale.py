@@ -38,10 +38,12 @@ def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: flo
 class ValueTwoScaleQuantizer(Quantizer):
     """V-2SF: fine step ``s`` for values whose code fits, coarse step ``s * 2^m`` for the rest.
 
-    Value codes: unsigned ``[0, 2^(b-1) - 1]`` (post-Softmax) or signed
-    ``[-2^(b-2), 2^(b-2) - 1]`` (post-GELU). Code layout: ``range_bit * 2^(b-1) + (value mod
-    2^(b-1))``, range_bit 1 = coarse. Searched: the coarse step (``coarse_candidates`` points of
-    ``[alpha, beta] x max|x| / qmax``) jointly with ``m`` in ``1..max_exponent``.
+    Value codes, b-1 bits: unsigned ``[0, 2^(b-1) - 1]`` in both ranges (post-Softmax), or
+    (``signed``, post-GELU) signed ``[-2^(b-2), 2^(b-2) - 1]`` in the fine range, which holds the
+    small values including all of GELU's negative part (>= -0.17), and unsigned in the coarse
+    range, which only holds large positive values. Code layout: ``range_bit * 2^(b-1) + (value
+    mod 2^(b-1))``, range_bit 1 = coarse. Searched: the coarse step (``[alpha, beta] x max|x| /
+    (2^(b-1) - 0.5)``) jointly with ``m`` in ``1..max_exponent``.
     """
 
     params_per_group = 2
@@ -54,11 +56,12 @@ class ValueTwoScaleQuantizer(Quantizer):
         self.signed = signed
         self.half = 2 ** (bits - 1)  # value codes per range
         self.qmin, self.qmax = (-(2 ** (bits - 2)), 2 ** (bits - 2) - 1) if signed else (0, self.half - 1)
+        self.cmax = self.half - 1  # coarse range: unsigned
         self.max_exponent = max_exponent
 
     def _args(self, x, s):
         fine, m = s
-        return x, fine, fine * torch.exp2(m), float(self.qmin), float(self.qmax)
+        return x, fine, fine * torch.exp2(m), float(self.qmin), float(self.qmax), float(self.cmax)
 
     def _fake_quant(self, x, s, shape, fused=False):
         return kernels.run_kernel(kernels.two_scale, *self._args(x, s), fused=fused)
@@ -73,13 +76,13 @@ class ValueTwoScaleQuantizer(Quantizer):
         q = q.to(fine.dtype)
         coarse = q >= self.half
         value = torch.remainder(q, self.half)
-        if self.signed:
-            value = torch.where(value > self.qmax, value - self.half, value)
+        if self.signed:  # two's complement in the fine range only
+            value = torch.where(~coarse & (value > self.qmax), value - self.half, value)
         return value * torch.where(coarse, fine * torch.exp2(m), fine)
 
     def _coarse_base(self, x: torch.Tensor) -> torch.Tensor:
         m = reduce_to_groups(x.detach(), self.group_dim, self.groups, "amax")
-        return (m / (self.qmax + 0.5)).clamp(min=1e-8)
+        return (m / (self.cmax + 0.5)).clamp(min=1e-8)
 
     def initial_scale(self, x):
         m0 = min(3, self.max_exponent)
