@@ -170,6 +170,33 @@ def test_tsptq_full_and_partial_settings_json_and_plots(sample_dir, checkpoint, 
     assert r["config"]["gelu_twin"] and len(r["layernorm_outliers"]) == 25
 
 
+def test_save_then_load_reproduces_the_evaluated_model(sample_dir, checkpoint, tmp_path, capsys):
+    import vitquant
+    from vitquant.data import load_images
+    from vitquant.evaluate import predict_top5, topk_accuracy
+    from vitquant.models import data_config_for
+    out, saved = tmp_path / "r.json", tmp_path / "saved"
+    code, text, err = run(["quantize", MODEL, "--method", "ptq4vit", "--w-bits", "6", "--a-bits", "6",
+                           "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH,
+                           "--save", str(saved), "--json", str(out)], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    model = vitquant.load(saved)
+    evalset = load_images(sample_dir / "images", data_config_for(model), list_file=sample_dir / "splits" / "eval.txt",
+                          require_labels=True)
+    assert topk_accuracy(predict_top5(model, evalset, progress=False).top5, evalset.labels)[0] == pytest.approx(
+        r["quant_top1"], abs=1e-3)
+    manifest = json.loads((saved / "manifest.json").read_text())
+    assert manifest["weights"]["weights_sha256"] == r["weights"]["weights_sha256"]
+    assert manifest["model_args"]["img_size"] == 32 and manifest["config"]["w_bits"] == 6
+    # 6-bit codes stored in int8: the file is about a quarter of the FP32 size
+    assert r["saved"]["bytes_on_disk"] < 0.4 * r["fp32_model_size_mb"] * 1e6
+    assert "saved" in text
+    code, _, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint),
+                        *data_args(sample_dir), *FAST, "--save", str(saved)], capsys)
+    assert code == 2 and "exists and is not empty" in err
+
+
 def test_bad_input_gives_one_error_line_and_no_output(sample_dir, checkpoint, tmp_path, capsys):
     cases = _bad_cases(sample_dir, checkpoint, tmp_path)
     for name, (args, needle) in cases.items():

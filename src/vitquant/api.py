@@ -37,6 +37,7 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     if not is_wrapped(model):
         wrap_model(model)
     model.eval()
+    model.vitquant_config = cfg  # recorded by vitquant.save
     if cfg.mixed_precision is not None:
         return model, _quantize_mixed(model, images, cfg, device, progress)
     attach_quantizers(model, cfg)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 import sys
 import time
 from typing import Optional
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-fused-kernels", action="store_true",
                    help="simulate quantization with eager PyTorch ops instead of torch.compile-fused kernels")
     r.add_argument("--json", help="write the result as one JSON object to this file")
+    r.add_argument("--save", metavar="DIR", help="save the quantized model (integer weights, all quantizer "
+                                                  "parameters, manifest) to this new directory; load with vitquant.load")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -220,6 +223,10 @@ def run_quantize(args) -> dict:
         raise VitquantError("--plots writes the PNG files next to the --json file; give --json")
     if args.json:
         _check_writable(args.json)
+    if args.save:
+        _check_writable(args.save)
+        if os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
+            raise VitquantError(f"--save directory {args.save} exists and is not empty")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise VitquantError(f"--device {args.device} requested but CUDA is not available")
     if args.threads:
@@ -302,6 +309,14 @@ def run_quantize(args) -> dict:
         result["layernorm_outliers"] = layernorm_outliers(model)
     if args.plots:
         result["plots"] = _write_plots(args.json, model, calib, cfg, report, args.plot_block)
+    if args.save:
+        from .export import save
+        manifest = save(model, args.save, model_name=args.model,
+                        model_args={"img_size": args.img_size} if args.img_size else None, weights=model_info,
+                        extra={"calib_data": calib.describe() | {"names": calib.names}, "seed": args.seed})
+        on_disk = sum(f.stat().st_size for f in Path(args.save).iterdir())
+        result["saved"] = {"dir": args.save, "bytes_on_disk": on_disk, "mb_on_disk": round(on_disk / 1e6, 4),
+                           "tensors_sha256": manifest["tensors_sha256"], "model_size_mb": result["model_size_mb"]}
     print_summary(result)
     if args.json:
         atomic_write_json(args.json, result)

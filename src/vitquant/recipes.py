@@ -147,6 +147,19 @@ class QuantConfig:
         return dataclasses.asdict(self) | {"setting": self.setting}
 
 
+def config_from_dict(d: dict) -> QuantConfig:
+    """The :class:`QuantConfig` of :meth:`QuantConfig.to_dict` (saved checkpoints, result files)."""
+    d = {k: v for k, v in d.items() if k != "setting"}
+    nested = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig}
+    for k, cls in nested.items():
+        if d.get(k) is not None:
+            sub = dict(d[k])
+            if k == "mixed_precision" and sub.get("choices") is not None:
+                sub["choices"] = tuple(sub["choices"])
+            d[k] = cls(**sub)
+    return QuantConfig(**d)
+
+
 # --------------------------------------------------------------------------------------------
 # Recipes
 

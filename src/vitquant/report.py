@@ -54,6 +54,10 @@ def print_summary(r: dict) -> None:
     if mp:
         rows.insert(6, ("mixed precision", f"{mp['size_mb']:.2f} MB (budget {mp['budget_mb']:.2f} MB), bits "
                         + " ".join(f"{m['bits']}" for m in mp["modules"]) + f"  [{mp['sensitivity']}]"))
+    if r.get("saved"):
+        sv = r["saved"]
+        rows.append(("saved", f"{sv['dir']} ({sv['mb_on_disk']:.2f} MB on disk; computed model size "
+                              f"{sv['model_size_mb']:.2f} MB)"))
     for path in r.get("plots", []):
         rows.append(("plot", path))
     width = max(len(k) for k, _ in rows)

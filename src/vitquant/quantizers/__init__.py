@@ -5,5 +5,8 @@ from .twin import TwinGeluQuantizer, TwinSoftmaxQuantizer
 from .two_scale import OutlierTwoScaleQuantizer, ValueTwoScaleQuantizer
 from .uniform import UniformQuantizer
 
-__all__ = ["kernels", "Quantizer", "UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer",
+QUANTIZER_TYPES = {c.__name__: c for c in (UniformQuantizer, TwinSoftmaxQuantizer, TwinGeluQuantizer,
+                                            ValueTwoScaleQuantizer, OutlierTwoScaleQuantizer)}
+
+__all__ = ["QUANTIZER_TYPES", "kernels", "Quantizer", "UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer",
            "ValueTwoScaleQuantizer", "OutlierTwoScaleQuantizer", "grouped_scale"]

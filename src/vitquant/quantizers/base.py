@@ -114,6 +114,10 @@ class Quantizer(nn.Module):
         # quantized once and cached) and the calibration search stay eager.
         return self._run("_fake_quant", x, None, fused=not (torch.is_grad_enabled() or x.requires_grad))
 
+    def spec(self) -> dict:
+        """Constructor arguments that rebuild this quantizer (saved checkpoints)."""
+        return {"bits": self.bits, "groups": self.groups, "group_dim": self.group_dim}
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, group_dim={self.group_dim}"
 

@@ -28,6 +28,9 @@ class TwinSoftmaxQuantizer(Quantizer):
         self.d2 = 1.0 / self.levels
         self.max_exponent = max_exponent
 
+    def spec(self) -> dict:
+        return super().spec() | {"max_exponent": self.max_exponent}
+
     def _args(self, x, s):
         return x, s, torch.full_like(s, self.d2), float(self.levels)
 

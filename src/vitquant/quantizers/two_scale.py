@@ -92,6 +92,9 @@ class ValueTwoScaleQuantizer(Quantizer):
         return _exponent_grid(self._coarse_base(x), range(1, self.max_exponent + 1), alpha, beta,
                               max(20, math.ceil(n / 4)), divide=True)
 
+    def spec(self) -> dict:
+        return super().spec() | {"signed": self.signed, "max_exponent": self.max_exponent}
+
     def extra_repr(self):
         return super().extra_repr() + f", V-2SF {'signed' if self.signed else 'unsigned'}"
 
@@ -154,6 +157,9 @@ class OutlierTwoScaleQuantizer(Quantizer):
         self._observe(x)
         return _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
                               max(20, math.ceil(n / 4)), divide=True)
+
+    def spec(self) -> dict:
+        return {"bits": self.bits, "channels": self.channel_max.numel(), "max_exponent": self.max_exponent}
 
     def extra_repr(self):
         return super().extra_repr() + f", O-2SF channels={self.channel_max.numel()}"

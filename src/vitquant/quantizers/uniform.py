@@ -73,6 +73,9 @@ class UniformQuantizer(Quantizer):
             m = reduce_to_groups(x, self.group_dim, self.groups, "amax")
         return (m / (self.qmax + 0.5)).clamp(min=1e-8).float()
 
+    def spec(self) -> dict:
+        return super().spec() | {"signed": self.signed, "symmetric": self.symmetric, "percentile": self.percentile}
+
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else ("unsigned" if self.symmetric else "asymmetric")
         return super().extra_repr() + f", {kind}"

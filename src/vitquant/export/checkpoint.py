@@ -1,0 +1,176 @@
+"""Quantized checkpoints: ``save(model, DIR)`` / ``load(DIR)``.
+
+A directory with two files, written atomically (a temporary sibling directory renamed into place):
+
+* ``model.safetensors``: the wrapped model's state dict in which every quantized weight is replaced
+  by its integer codes ``<op>.weight_codes`` (int8 when the codes fit, else int16; the bit-width
+  is in the manifest), plus every quantizer parameter (scales, exponents, zero-point minima,
+  O-2SF channel ranges) and bias correction. Unquantized tensors stay FP32.
+* ``manifest.json``: model name and constructor arguments, timm / torch / vitquant versions, the
+  method config, the source weights' sha256, every quantizer's type and constructor arguments,
+  and the sha256 of ``model.safetensors``.
+
+:func:`load` rebuilds the quantized model without calibration: its quantized weights are the
+dequantized codes, which the weight quantizers map to themselves, so its logits equal the
+in-memory quantized model's bit for bit. The original FP32 weights of quantized ops are not saved
+(``quantization_disabled`` on a loaded model runs with the dequantized weights).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import VitquantError
+from ..nn.modules import QuantOp, _WeightOp
+from ..nn.wrap import is_wrapped, quant_ops, wrap_model
+
+FORMAT = "vitquant-checkpoint/1"
+TENSORS, MANIFEST = "model.safetensors", "manifest.json"
+
+
+def _code_dtype(codes: torch.Tensor) -> torch.dtype:
+    lo, hi = int(codes.min()), int(codes.max())
+    if -128 <= lo and hi <= 127:
+        return torch.int8
+    if 0 <= lo and hi <= 255:
+        return torch.uint8
+    return torch.int16 if -2 ** 15 <= lo and hi < 2 ** 15 else torch.int32
+
+
+def _quantized_weights(model: nn.Module) -> dict[str, _WeightOp]:
+    return {n: op for n, op in quant_ops(model) if isinstance(op, _WeightOp) and op.weight_quantizer is not None
+            and op.weight_quantizer.calibrated and op.weight_quantizer.enabled}
+
+
+def _model_args(model: nn.Module) -> dict:
+    args = {"num_classes": int(getattr(model, "num_classes", 1000))}
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        args["img_size"] = int(size[0]) if size[0] == size[1] else list(size)
+    return args
+
+
+def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str] = None,
+         model_args: Optional[dict] = None, weights: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+    """Write a quantized (wrapped, calibrated) model to directory ``path``; returns the manifest.
+
+    ``model_name``: the timm name (default: ``model.pretrained_cfg['architecture']``);
+    ``model_args``: ``timm.create_model`` arguments that rebuild it (default: its ``num_classes``
+    and ``img_size``; give the rest for a model built with other arguments);
+    ``weights``: provenance of the FP weights (e.g. ``{"weights_sha256": ...}``)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from .. import __version__
+    if not is_wrapped(model):
+        raise VitquantError("save() needs a quantized model (run vitquant.quantize first)")
+    name = model_name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not name:
+        raise VitquantError("cannot tell the timm model name; pass model_name=")
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise VitquantError(f"output directory {path} exists and is not empty")
+    weights_q = _quantized_weights(model)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        op_name = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and op_name in weights_q:
+            continue
+        tensors[key] = t.detach().cpu().contiguous()
+    quantizers = {}
+    for name_op, op in quant_ops(model):
+        for operand, q in op.quantizers().items():
+            quantizers[f"{name_op}.{operand}"] = {"type": type(q).__name__, "args": q.spec(),
+                                                  "calibrated": q.calibrated, "enabled": q.enabled}
+    for n, op in weights_q.items():
+        codes = op.weight_quantizer.quantize(op.weight.detach()).cpu()
+        tensors[f"{n}.weight_codes"] = codes.to(_code_dtype(codes)).contiguous()
+    cfg = getattr(model, "vitquant_config", None)
+    manifest = {
+        "format": FORMAT, "model": name, "model_args": _model_args(model) | (model_args or {}),
+        "timm_version": timm.__version__, "torch_version": torch.__version__, "vitquant_version": __version__,
+        "config": cfg.to_dict() if cfg is not None else None, "weights": weights or {},
+        "quantizers": quantizers, "quantized_weights": {n: op.weight_quantizer.bits for n, op in weights_q.items()},
+        "bias_correction": [n for n, op in quant_ops(model) if getattr(op, "bias_correction", None) is not None],
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        save_file(tensors, str(tmp / TENSORS))
+        from ..models import sha256_file
+        manifest["tensors_sha256"] = sha256_file(tmp / TENSORS)
+        manifest["tensors_bytes"] = (tmp / TENSORS).stat().st_size
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        if path.exists():
+            path.rmdir()  # empty (checked above)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
+        raise VitquantError(f"{path} is not a vitquant checkpoint directory (needs {MANIFEST} and {TENSORS})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VitquantError(f"cannot read {path / MANIFEST}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise VitquantError(f"{path / MANIFEST}: not a {FORMAT} manifest")
+    return manifest
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
+    """Rebuild the quantized model saved in ``path`` (no calibration, no FP weights needed)."""
+    import timm
+    from safetensors.torch import load_file
+
+    from ..models import sha256_file
+    from ..quantizers import QUANTIZER_TYPES
+    from ..recipes import config_from_dict
+    path = Path(path)
+    manifest = read_manifest(path)
+    if sha256_file(path / TENSORS) != manifest.get("tensors_sha256"):
+        raise VitquantError(f"{path / TENSORS} does not match its manifest (sha256 differs): corrupt or replaced")
+    try:
+        model = timm.create_model(manifest["model"], pretrained=False, **manifest["model_args"])
+    except Exception as e:
+        raise VitquantError(f"cannot build {manifest['model']} with timm {timm.__version__}: {e}") from None
+    wrap_model(model.eval())
+    ops = dict(quant_ops(model))
+    for key, spec in manifest["quantizers"].items():
+        op_name, operand = key.rsplit(".", 1)
+        if op_name not in ops or spec["type"] not in QUANTIZER_TYPES:
+            raise VitquantError(f"checkpoint quantizer {key} ({spec['type']}) does not fit {manifest['model']}")
+        q = QUANTIZER_TYPES[spec["type"]](**spec["args"])
+        q.calibrated, q.enabled = spec["calibrated"], spec["enabled"]
+        ops[op_name].set_quantizer(operand, q)
+    for n in manifest["bias_correction"]:
+        op = ops[n]
+        op.bias_correction = torch.zeros(op.weight.shape[0])
+    sd = load_file(str(path / TENSORS))
+    codes = {k[: -len(".weight_codes")]: sd.pop(k) for k in list(sd) if k.endswith(".weight_codes")}
+    own = model.state_dict()
+    expected = {k for k in own if not (k.endswith(".weight") and k[:-len(".weight")] in codes)}
+    if set(sd) != expected or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in sd):
+        raise VitquantError(f"{path / TENSORS} does not match model {manifest['model']} (keys or shapes differ)")
+    model.load_state_dict(sd, strict=False)
+    with torch.no_grad():
+        for n, c in codes.items():
+            op: QuantOp = ops[n]
+            op.weight.copy_(op.weight_quantizer.dequantize(c.to(torch.int64)))
+            op.refresh()
+    if manifest.get("config"):
+        model.vitquant_config = config_from_dict(manifest["config"])
+    return model.to(device)

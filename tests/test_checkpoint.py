@@ -1,0 +1,73 @@
+"""Quantized checkpoints: save -> load gives the same logits bit for bit, for every recipe."""
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_swin, tiny_vit
+import vitquant
+from vitquant import VitquantError, get_recipe, quantize
+from vitquant.recipes import MixedPrecisionConfig
+
+VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+SWIN_ARGS = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
+                 num_classes=10)
+FAST = dict(rounds=1, num_candidates=8)
+
+
+def _configs():
+    return {
+        "minmax": get_recipe("minmax", 8, 8),
+        "percentile": get_recipe("percentile", 6, 8),
+        "base": get_recipe("base", 4, 4, **FAST),
+        "ptq4vit": get_recipe("ptq4vit", 6, 6, **FAST),
+        "liu2021 mixed precision": get_recipe("liu2021", 6, 6, rounds=2, num_candidates=8).replace(
+            mixed_precision=MixedPrecisionConfig(choices=(4, 6, 8))),
+        "tsptq full": get_recipe("tsptq", 6, 6, **FAST),
+        "tsptq uniform LayerNorm, per-channel weights": get_recipe("tsptq", 8, 8, **FAST).replace(
+            layernorm_quantizer="uniform", per_channel_weights=True),
+    }
+
+
+CASES = [(r, "vit") for r in _configs()] + [("liu2021 mixed precision", "swin"), ("tsptq full", "swin")]
+
+
+@pytest.mark.parametrize("recipe,family", CASES, ids=[f"{r}-{f}" for r, f in CASES])
+def test_round_trip_gives_identical_logits(recipe, family, tmp_path):
+    make, name, args = ((tiny_vit, "vit_tiny_patch16_224", VIT_ARGS) if family == "vit"
+                        else (tiny_swin, "swin_tiny_patch4_window7_224", SWIN_ARGS))
+    cfg = _configs()[recipe]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, _ = quantize(make(), x, cfg, progress=False)
+    with torch.no_grad():
+        expect = model(x)
+    manifest = vitquant.save(model, tmp_path / "q", model_name=name, model_args=args)
+    loaded = vitquant.load(tmp_path / "q")
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.equal(got, expect)
+    assert loaded.vitquant_config == cfg
+    # integer codes on disk: 8-bit storage for <= 8-bit weights, bit-widths in the manifest
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    codes = {k: v for k, v in sd.items() if k.endswith(".weight_codes")}
+    assert codes and all(v.dtype in (torch.int8, torch.uint8) for v in codes.values())
+    assert set(manifest["quantized_weights"].values()) <= {4, 6, 8}
+    assert json.loads((tmp_path / "q" / "manifest.json").read_text())["model"] == name
+
+
+def test_load_rejects_corrupt_or_foreign_directories(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    model, _ = quantize(tiny_vit(), x, get_recipe("minmax"), progress=False)
+    vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
+    with pytest.raises(VitquantError, match="exists and is not empty"):
+        vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
+    with pytest.raises(VitquantError, match="not a vitquant checkpoint"):
+        vitquant.load(tmp_path)
+    f = tmp_path / "q" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(VitquantError, match="sha256 differs"):
+        vitquant.load(tmp_path / "q")
+    assert not list(tmp_path.glob(".q.*"))  # no temporary directory left behind
