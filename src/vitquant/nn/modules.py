@@ -13,6 +13,46 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers import Quantizer
+from ..quantizers.base import qdq
+
+
+def _total(parts) -> torch.Tensor:
+    """Sum of tensors without a leading ``0 +`` (keeps the exported graph free of dead adds)."""
+    parts = list(parts)
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def _scaled(t: torch.Tensor, *factors) -> torch.Tensor:
+    for f in factors:
+        if f is not None:
+            t = t * f
+    return t
+
+
+class _ExportWeight:
+    """Integer weight codes, their steps and the channel axis (a plain object: ONNX tracing passes
+    it to the symbolic function untouched)."""
+
+    def __init__(self, codes: torch.Tensor, steps: torch.Tensor, axis: int):
+        self.codes, self.steps, self.axis = codes, steps, axis
+
+
+class _DequantizedWeight(torch.autograd.Function):
+    """``codes * steps`` in PyTorch; ``DequantizeLinear(int8 codes, steps, axis)`` in ONNX."""
+
+    @staticmethod
+    def forward(ctx, anchor, w: _ExportWeight):
+        shape = [1] * w.codes.dim()
+        shape[w.axis] = -1
+        return w.codes.float() * w.steps.reshape(shape)
+
+    @staticmethod
+    def symbolic(g, anchor, w: _ExportWeight):
+        return g.op("DequantizeLinear", g.op("Constant", value_t=w.codes), g.op("Constant", value_t=w.steps),
+                    g.op("Constant", value_t=torch.zeros(w.steps.shape, dtype=torch.int8)), axis_i=w.axis)
 
 
 class QuantOp(nn.Module):
@@ -25,6 +65,7 @@ class QuantOp(nn.Module):
         super().__init__()
         self.role = role
         self.quant_enabled = True
+        self.exporting = False  # ONNX export: quantizers as QDQ ops (see vitquant.export.onnx)
 
     def quantizer(self, operand: str) -> Optional[Quantizer]:
         return getattr(self, f"{operand}_quantizer")
@@ -48,6 +89,14 @@ class QuantOp(nn.Module):
         if q is None or not self.quant_enabled:
             return x
         return q(x)
+
+    def _parts(self, operand: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """``x`` as QDQ-written ``(part, factor)`` pairs, ``sum(part * factor)`` its quantized
+        value (ONNX export, see ``Quantizer.export_parts``)."""
+        q = self.quantizer(operand)
+        if q is None or not self.quant_enabled or not q.enabled or not q.calibrated:
+            return [(x, None)]
+        return q.export_parts(x)
 
     def output_group_dim(self, operand: str) -> Optional[int]:
         """Dimension of the op output (batch first) along which ``operand``'s scale groups act
@@ -96,6 +145,28 @@ class _WeightOp(QuantOp):
     def _invalidate(self) -> None:
         self._wq_cache = None
 
+    def prepare_export(self, transpose: bool = False) -> None:
+        """Before ONNX tracing: the weight's integer codes (``[in, out]`` with ``transpose``) and
+        per-output-channel steps, written into the graph as int8 constants + DequantizeLinear."""
+        wq = self.weight_quantizer
+        self._export = None
+        if wq is None or not self.quant_enabled or not wq.enabled or not wq.calibrated:
+            return
+        if wq.qmin < -128 or wq.qmax > 127:
+            raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit int8; ONNX export "
+                             "supports weights of <= 8 bits")
+        with torch.no_grad():
+            codes = wq.quantize(self.weight.detach()).to(torch.int8)
+            steps = wq.scale.detach().float().repeat_interleave(self.weight.shape[0] // wq.scale.numel())
+        self._export = _ExportWeight(codes.t().contiguous() if transpose else codes, steps.contiguous(), int(transpose))
+
+    def export_weight(self, anchor: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """The weight for ONNX export (``[in, out]`` with ``transpose``): int8 codes and a
+        DequantizeLinear in the graph; ``anchor`` is any traced tensor of the forward pass."""
+        if getattr(self, "_export", None) is None:
+            return self.weight.t() if transpose else self.weight
+        return _DequantizedWeight.apply(anchor, self._export)
+
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
         if wq is None or not self.quant_enabled or not wq.enabled or not wq.calibrated:
@@ -121,6 +192,11 @@ class QuantLinear(_WeightOp):
         self.in_features, self.out_features = module.in_features, module.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:  # one integer matmul per input part, then the bias
+            w = self.export_weight(x, transpose=True)
+            y = _total(torch.matmul(_scaled(p, f), w) for p, f in self._parts("input", x))
+            bias = self.output_bias()
+            return y if bias is None else y + bias
         return F.linear(self._q("input", x), self.quantized_weight(), self.output_bias())
 
     def output_group_dim(self, operand):
@@ -153,6 +229,10 @@ class QuantConv2d(_WeightOp):
         self.out_channels = module.out_channels
 
     def forward(self, x):
+        if self.exporting:
+            w, bias = self.export_weight(x), self.output_bias()
+            y = _total(F.conv2d(_scaled(p, f), w, None, **self.conv_args) for p, f in self._parts("input", x))
+            return y if bias is None else y + bias.reshape(1, -1, 1, 1)
         return F.conv2d(self._q("input", x), self.quantized_weight(), self.output_bias(), **self.conv_args)
 
     def output_group_dim(self, operand):
@@ -185,6 +265,10 @@ class QuantMatMul(QuantOp):
         self.b_quantizer: Optional[Quantizer] = None
 
     def forward(self, a, b):
+        if self.exporting:  # two-range operands: one integer matmul per pair of parts
+            # per-head steps factor out of each head's matmul: (A'/s_a)(B'/s_b) s_a s_b
+            return _total(_scaled(torch.matmul(pa, pb), fa, fb)
+                          for pa, fa in self._parts("a", a) for pb, fb in self._parts("b", b))
         return torch.matmul(self._q("a", a), self._q("b", b))
 
     def output_group_dim(self, operand):
@@ -220,6 +304,9 @@ class QuantLayerNorm(QuantOp):
         return self.normalized_shape[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exporting:
+            x = _total(_scaled(p, f) for p, f in self._parts("input", x))
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(self._q("input", x), self.normalized_shape, self.weight, self.bias, self.eps)
 
     def candidate_outputs(self, inputs, operand, scales):

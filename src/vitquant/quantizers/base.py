@@ -114,6 +114,15 @@ class Quantizer(nn.Module):
         # quantized once and cached) and the calibration search stay eager.
         return self._run("_fake_quant", x, None, fused=not (torch.is_grad_enabled() or x.requires_grad))
 
+    def export_parts(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(part, factor)`` pairs, each part written with standard int8 / uint8 QDQ ops
+        (:func:`qdq_part`), with ``sum(part * factor) == fake_quant(x)``: one pair for a uniform
+        quantizer, one per range for two-range ones (each then feeds its own integer matmul and
+        the results are added). ``factor`` (None = 1) is a per-group step factored out of the
+        QDQ so that the integer matmul sees one scale per tensor; it is applied after the matmul.
+        ONNX export only."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be exported to ONNX")
+
     def spec(self) -> dict:
         """Constructor arguments that rebuild this quantizer (saved checkpoints)."""
         return {"bits": self.bits, "groups": self.groups, "group_dim": self.group_dim}
@@ -135,3 +144,55 @@ def reduce_to_groups(x: torch.Tensor, group_dim: int | None, groups: int, op: st
     if op == "amax":
         return g.abs().amax(dim=1)
     return g.amax(dim=1) if op == "max" else g.amin(dim=1)
+
+
+def _constant(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy that ONNX tracing records as a constant, not as ops on buffers."""
+    return torch.tensor(t.detach().float().reshape(-1).tolist(), dtype=torch.float32)
+
+
+def broadcast_groups(t: torch.Tensor, x: torch.Tensor, group_dim: int | None) -> torch.Tensor:
+    """A per-group vector ``[G]`` as a tensor that broadcasts against ``x`` itself (each group's
+    value repeated over its slice of ``group_dim``); a scalar tensor when there is one group."""
+    t = t.reshape(-1)
+    if t.numel() == 1 or group_dim is None:
+        return t.reshape(())
+    d = group_dim % x.dim()
+    shape = [1] * x.dim()
+    shape[d] = -1
+    return t.repeat_interleave(x.shape[d] // t.numel()).reshape(shape)
+
+
+def qdq(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / s), qmin, qmax) * s`` written as the ops ONNX export maps to
+    QuantizeLinear / DequantizeLinear (int8 or uint8 storage; a narrower code range is a clip of
+    ``x`` before quantizing). ``scale``: one value, or one per group along ``group_dim``."""
+    if qmin >= -128 and qmax <= 127:
+        lo, hi = -128, 127
+    elif qmin >= 0 and qmax <= 255:
+        lo, hi = 0, 255
+    else:
+        raise ValueError(f"codes [{qmin}, {qmax}] do not fit 8 bits; ONNX export supports quantizers of <= 8 bits")
+    scale = _constant(scale)
+    if scale.numel() == 1 or group_dim is None:
+        s = float(scale[0])
+        if (qmin, qmax) != (lo, hi):
+            x = x.clamp(qmin * s, qmax * s)
+        return torch.fake_quantize_per_tensor_affine(x, s, 0, lo, hi)
+    d = group_dim % x.dim()
+    per = scale.repeat_interleave(x.shape[d] // scale.numel())
+    if (qmin, qmax) != (lo, hi):
+        b = broadcast_groups(scale, x, d)
+        x = torch.maximum(torch.minimum(x, b * qmax), b * qmin)
+    return torch.fake_quantize_per_channel_affine(x, per, torch.zeros_like(per, dtype=torch.int32), d, lo, hi)
+
+
+def qdq_part(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int):
+    """:func:`qdq` as an ``(part, factor)`` pair: per-tensor steps stay in the QDQ (factor None);
+    per-group steps are factored out, ``qdq(x / s_g, 1) * s_g``, so that the QDQ has one scale
+    (integer matmul kernels need a per-tensor scale on activations)."""
+    scale = _constant(scale)
+    if scale.numel() == 1 or group_dim is None:
+        return qdq(x, scale, None, qmin, qmax), None
+    b = broadcast_groups(scale, x, group_dim)
+    return qdq(x / b, torch.ones(1), None, qmin, qmax), b

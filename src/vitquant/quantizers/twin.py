@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, reduce_to_groups
+from .base import Quantizer, broadcast_groups, qdq_part, reduce_to_groups
 
 GELU_MIN = 0.16997124254703522  # -min GELU(x), the fixed negative range of post-GELU twin
 
@@ -30,6 +30,13 @@ class TwinSoftmaxQuantizer(Quantizer):
 
     def spec(self) -> dict:
         return super().spec() | {"max_exponent": self.max_exponent}
+
+    def export_parts(self, x):
+        """R1 part (values below ``levels * D1``, else 0) and R2 part, each unsigned on its step."""
+        in_r1 = x < self.levels * broadcast_groups(self.scale, x, self.group_dim)
+        zero = torch.zeros_like(x)
+        return [qdq_part(torch.where(in_r1, x, zero), self.scale, self.group_dim, 0, self.levels - 1),
+                qdq_part(torch.where(in_r1, zero, x), torch.tensor([self.d2]), None, 0, self.levels - 1)]
 
     def _args(self, x, s):
         return x, s, torch.full_like(s, self.d2), float(self.levels)
@@ -79,6 +86,11 @@ class TwinGeluQuantizer(Quantizer):
     def _dequant(self, q, s, shape):
         q = q.to(s.dtype)
         return torch.where(q >= 0, q * s, q * self.d_neg)
+
+    def export_parts(self, x):
+        """Non-negative part on ``D2`` and negative part on the fixed step (each 0 outside)."""
+        return [qdq_part(x, self.scale, self.group_dim, 0, self.levels - 1),
+                qdq_part(x, torch.tensor([self.d_neg]), None, -self.levels, 0)]
 
     def _fake_quant(self, x, s, shape, fused=False):
         return kernels.run_kernel(kernels.twin_gelu, *self._args(x, s), fused=fused)

@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, reduce_to_groups
+from .base import Quantizer, broadcast_groups, group_rows, qdq, qdq_part, reduce_to_groups
 
 
 def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: float, n: int,
@@ -95,6 +95,16 @@ class ValueTwoScaleQuantizer(Quantizer):
     def spec(self) -> dict:
         return super().spec() | {"signed": self.signed, "max_exponent": self.max_exponent}
 
+    def export_parts(self, x):
+        """Fine part (values whose fine code fits, else 0) and coarse part, each on its step."""
+        fine, m = (torch.tensor(self.scale[:, i].tolist()) for i in (0, 1))
+        coarse = fine * 2.0 ** m
+        code = torch.round(x / broadcast_groups(fine, x, self.group_dim))
+        in_fine = (code >= self.qmin) & (code <= self.qmax)
+        zero = torch.zeros_like(x)
+        return [qdq_part(torch.where(in_fine, x, zero), fine, self.group_dim, self.qmin, self.qmax),
+                qdq_part(torch.where(in_fine, zero, x), coarse, self.group_dim, 0, self.cmax)]
+
     def extra_repr(self):
         return super().extra_repr() + f", V-2SF {'signed' if self.signed else 'unsigned'}"
 
@@ -157,6 +167,12 @@ class OutlierTwoScaleQuantizer(Quantizer):
         self._observe(x)
         return _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
                               max(20, math.ceil(n / 4)), divide=True)
+
+    def export_parts(self, x):
+        """One per-channel QDQ along the last axis: the outlier channels' step is ``s * 2^m``."""
+        step, m = (float(v) for v in self.scale[0])
+        steps = [step * 2.0 ** m if c > (self.qmax + 0.5) * step else step for c in self.channel_max.tolist()]
+        return [(qdq(x, torch.tensor(steps), -1, self.qmin, self.qmax), None)]
 
     def spec(self) -> dict:
         return {"bits": self.bits, "channels": self.channel_max.numel(), "max_exponent": self.max_exponent}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, reduce_to_groups
+from .base import Quantizer, group_rows, qdq_part, reduce_to_groups
 
 
 def group_percentile(x: torch.Tensor, q: float, group_dim: int | None, groups: int) -> torch.Tensor:
@@ -72,6 +72,11 @@ class UniformQuantizer(Quantizer):
         else:
             m = reduce_to_groups(x, self.group_dim, self.groups, "amax")
         return (m / (self.qmax + 0.5)).clamp(min=1e-8).float()
+
+    def export_parts(self, x):
+        if not self.symmetric:
+            raise NotImplementedError("asymmetric uniform quantizers cannot be exported to ONNX yet")
+        return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
 
     def spec(self) -> dict:
         return super().spec() | {"signed": self.signed, "symmetric": self.symmetric, "percentile": self.percentile}
