@@ -148,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save", metavar="DIR", help="save the quantized model (integer weights, all quantizer "
                                                   "parameters, manifest) to this new directory; load with vitquant.load")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
+    e = sub.add_parser("export", help="export a saved quantized model to ONNX (QDQ, int8 integer kernels)")
+    e.add_argument("saved", help="directory written by quantize --save")
+    e.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
+    e.add_argument("--fp32", action="store_true",
+                   help="export the FP32 graph instead (quantization off, dequantized weights)")
+    e.add_argument("--json", help="write the export summary as JSON")
+    v = sub.add_parser("eval", help="evaluate a saved model (PyTorch) or an exported .onnx (ONNX Runtime, CPU)")
+    v.add_argument("model", help="directory written by quantize --save, or a .onnx file from vitquant export")
+    v.add_argument("--eval-data", required=True, help="evaluation image folder")
+    v.add_argument("--eval-list", help="file naming the evaluation images")
+    v.add_argument("--labels", help="labels file for a flat evaluation folder")
+    v.add_argument("--num-eval", type=_positive_int, help="first N evaluation images only")
+    v.add_argument("--batch-size", type=_positive_int, default=64)
+    v.add_argument("--threads", type=_positive_int, help="CPU threads")
+    v.add_argument("--no-cache", action="store_true", help="do not cache decoded images")
+    v.add_argument("--json", help="write the result as JSON")
+    v.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("bench", help="throughput (images/s): PyTorch FP32 vs ONNX Runtime FP32 vs INT8")
+    b.add_argument("saved", help="directory written by quantize --save")
+    b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
+    b.add_argument("--warmup", type=_positive_int, default=3, help="untimed runs per batch size and runtime")
+    b.add_argument("--repeats", type=_positive_int, default=10, help="timed runs (the median is reported)")
+    b.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime")
+    b.add_argument("--json", help="write one object per batch size as a JSON list")
     return p
 
 
@@ -349,6 +373,147 @@ def _write_plots(json_path: str, model, calib, cfg, report, block: Optional[str]
     return [str(p) for p in paths]
 
 
+def _load_saved(path: str):
+    from .export import load
+    try:
+        return load(path)
+    except FileNotFoundError as e:
+        raise VitquantError(str(e)) from None
+
+
+def _metadata(model) -> dict:
+    """What ``vitquant eval`` needs to preprocess images for an exported model."""
+    import json
+    return {"vitquant.model": model.vitquant_manifest["model"],
+            "vitquant.model_args": json.dumps(model.vitquant_manifest["model_args"])}
+
+
+def run_export(args) -> dict:
+    from .export.onnx import export_onnx, integer_kernels
+    from .io import atomic_write_json
+    if args.json:
+        _check_writable(args.json)
+    _check_writable(args.onnx)
+    model = _load_saved(args.saved)
+    try:
+        info = export_onnx(model, args.onnx, fp32=args.fp32, metadata=_metadata(model))
+    except (ValueError, NotImplementedError) as e:
+        raise VitquantError(f"cannot export: {e}") from None
+    info["runtime"] = integer_kernels(args.onnx)
+    kinds = ", ".join(f"{k} {v}" for k, v in info["runtime"]["integer_ops"].items()) or "none"
+    print(f"wrote {args.onnx} ({info['bytes'] / 1e6:.2f} MB, {info['int8_weights']} int8 weights); "
+          f"ONNX Runtime integer kernels: {kinds}; float MatMul/Gemm left: {info['runtime']['float_matmuls']}")
+    if args.json:
+        atomic_write_json(args.json, info)
+    return info
+
+
+def _model_data_config(model_name: str, model_args: dict) -> dict:
+    import timm
+    from .models import data_config_for
+    return data_config_for(timm.create_model(model_name, pretrained=False, **model_args))
+
+
+def run_eval(args) -> dict:
+    import hashlib
+    import json
+
+    import torch
+
+    from .data import load_images
+    from .evaluate import predict_top5, topk_accuracy
+    from .io import atomic_write_json
+    if args.json:
+        _check_writable(args.json)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if str(args.model).endswith(".onnx"):
+        from .export.onnx import OrtModel
+        if not os.path.isfile(args.model):
+            raise VitquantError(f"ONNX file not found: {args.model}")
+        model = OrtModel(args.model, args.threads)
+        if "vitquant.model" not in model.metadata:
+            raise VitquantError(f"{args.model} was not exported by vitquant (no model metadata)")
+        runtime = "onnxruntime"
+        data_config = _model_data_config(model.metadata["vitquant.model"], json.loads(model.metadata["vitquant.model_args"]))
+    else:
+        from .models import data_config_for
+        model = _load_saved(args.model)
+        runtime = "pytorch"
+        data_config = data_config_for(model)
+    evalset = load_images(args.eval_data, data_config, list_file=args.eval_list, labels_file=args.labels,
+                          use_cache=not args.no_cache, progress=not args.quiet, require_labels=True,
+                          limit=args.num_eval)
+    with torch.no_grad():
+        pred = predict_top5(model, evalset, args.batch_size, progress=not args.quiet)
+    top1, top5 = topk_accuracy(pred.top5, evalset.labels)
+    result = {"model": str(args.model), "runtime": runtime, "num_eval": len(evalset), "top1": round(top1, 4),
+              "top5": round(top5, 4), "eval_seconds": round(pred.seconds, 3), "eval_data": evalset.describe(),
+              "top5_indices_sha256": hashlib.sha256(pred.top5.numpy().tobytes()).hexdigest()}
+    print(f"{args.model} ({runtime}): top-1 {top1:.2f} %, top-5 {top5:.2f} % on {len(evalset)} images "
+          f"({pred.seconds:.1f} s)")
+    if args.json:
+        atomic_write_json(args.json, result | {"top5_indices": pred.top5.tolist()})
+    return result
+
+
+def run_bench(args) -> list:
+    import statistics
+    import tempfile
+
+    import torch
+
+    from .export.onnx import OrtModel, export_onnx, integer_kernels
+    from .io import atomic_write_json
+    from .nn import quantization_disabled
+    from .report import environment
+    if args.json:
+        _check_writable(args.json)
+    threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = _load_saved(args.saved)
+    size = model.patch_embed.img_size
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            export_onnx(model, f"{tmp}/int8.onnx")
+            export_onnx(model, f"{tmp}/fp32.onnx", fp32=True)
+        except (ValueError, NotImplementedError) as e:
+            raise VitquantError(f"cannot export: {e}") from None
+        kernels = integer_kernels(f"{tmp}/int8.onnx")
+        runtimes = {"onnx_int8": OrtModel(f"{tmp}/int8.onnx", threads), "onnx_fp32": OrtModel(f"{tmp}/fp32.onnx", threads)}
+
+        def torch_fp32(x):
+            with quantization_disabled(model):
+                return model(x)
+        runtimes["torch_fp32"] = torch_fp32
+        for bs in args.batch_sizes:
+            x = torch.randn(bs, 3, *size, generator=torch.Generator().manual_seed(0))
+            row = {"batch": bs}
+            for name, run in runtimes.items():
+                with torch.no_grad():
+                    for _ in range(args.warmup):
+                        run(x)
+                    times = []
+                    for _ in range(args.repeats):
+                        t = time.perf_counter()
+                        run(x)
+                        times.append(time.perf_counter() - t)
+                row[f"{name}_ips"] = round(bs / statistics.median(times), 3)
+            row["int8_speedup"] = round(row["onnx_int8_ips"] / row["onnx_fp32_ips"], 3)
+            row["accelerated"] = bool(kernels["integer_ops"])
+            row |= {"integer_ops": kernels["integer_ops"], "float_matmuls_left": kernels["float_matmuls"],
+                    "threads": threads, "repeats": args.repeats, "warmup": args.warmup,
+                    "model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": environment()}
+            rows.append(row)
+            print(f"batch {bs:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 {row['onnx_fp32_ips']:.1f}, "
+                  f"ONNX INT8 {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
+                  f"{'' if row['accelerated'] else ', NOT accelerated: no integer kernels'})")
+    if args.json:
+        atomic_write_json(args.json, rows)
+    return rows
+
+
 def _check_writable(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(d):
@@ -370,6 +535,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.command == "quantize":
             run_quantize(args)
+        elif args.command == "export":
+            run_export(args)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "bench":
+            run_bench(args)
         return 0
     except VitquantError as e:
         print(f"vitquant: error: {e}", file=sys.stderr)

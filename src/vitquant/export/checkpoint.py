@@ -173,4 +173,5 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
             op.refresh()
     if manifest.get("config"):
         model.vitquant_config = config_from_dict(manifest["config"])
+    model.vitquant_manifest = manifest
     return model.to(device)

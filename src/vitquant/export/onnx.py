@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Iterator, Optional
@@ -43,20 +44,25 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
             op._export = None
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False, opset: int = 17) -> dict:
+def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False, opset: int = 17,
+                metadata: Optional[dict] = None) -> dict:
     """Write ``model`` (wrapped and calibrated; with ``fp32`` its FP32 version) as ONNX to ``path``
-    (atomically); the batch dimension is dynamic. Returns a summary (node counts)."""
+    (atomically); the batch dimension is dynamic. ``metadata`` (str -> str) goes into the model's
+    metadata_props. Returns a summary (node counts)."""
     import onnx
     size = getattr(getattr(model, "patch_embed", None), "img_size", (224, 224))
     example = torch.zeros(1, 3, *size)
     ctx = quantization_disabled(model) if fp32 else contextlib.nullcontext()
     model.eval()
-    with tempfile.TemporaryDirectory() as tmp, ctx, export_mode(model), torch.no_grad():
+    with tempfile.TemporaryDirectory() as tmp, ctx, export_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes on Python-side constants (scales) are expected
         raw = os.path.join(tmp, "model.onnx")
         torch.onnx.export(model, (example,), raw, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False, do_constant_folding=False)
         m = onnx.load(raw)
+    for k, v in (metadata or {}).items():
+        m.metadata_props.add(key=k, value=str(v))
     onnx.checker.check_model(m)
     _atomic(path, lambda f: f.write(m.SerializeToString()))
     ops = Counter(n.op_type for n in m.graph.node)
@@ -99,3 +105,20 @@ def predict_logits(sess, images: torch.Tensor, batch_size: int = 64) -> torch.Te
     out = [torch.from_numpy(sess.run(None, {name: images[i:i + batch_size].numpy()})[0])
            for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out)
+
+
+class OrtModel:
+    """An exported model under ONNX Runtime, callable like the PyTorch model (logits tensor)."""
+
+    def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
+        import onnx
+        self.path = str(path)
+        self.session = session(path, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+
+    def eval(self) -> "OrtModel":
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])

@@ -1,0 +1,90 @@
+"""ONNX export (QDQ) and ONNX Runtime: same predictions as the simulated model, integer kernels."""
+import json
+
+import onnx
+import pytest
+import torch
+
+from conftest import tiny_swin, tiny_vit
+import vitquant
+from vitquant import get_recipe, quantize
+from vitquant.cli import main
+from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
+
+FAST = dict(rounds=1, num_candidates=8)
+CASES = [("ptq4vit", 8, tiny_vit), ("tsptq", 8, tiny_vit), ("liu2021", 8, tiny_vit), ("base", 6, tiny_vit),
+         ("ptq4vit", 8, tiny_swin), ("tsptq", 8, tiny_swin)]
+
+
+@pytest.mark.parametrize("method,bits,make", CASES, ids=[f"{m}-w{b}-{f.__name__}" for m, b, f in CASES])
+def test_onnx_runtime_reproduces_the_simulated_model(method, bits, make, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, 32, 32, generator=g)
+    model, _ = quantize(make(), x, get_recipe(method, bits, bits, **FAST), progress=False)
+    info = export_onnx(model, tmp_path / "q.onnx")
+    onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
+    with torch.no_grad():
+        expect = model(x)
+    got = OrtModel(tmp_path / "q.onnx")(x)
+    # same quantized arithmetic; only float summation order differs (and rare rounding ties)
+    torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2 * float(expect.abs().max()))
+    assert torch.equal(got.argmax(1), expect.argmax(1))
+    # weights are stored as int8 and every quantized Linear / matmul runs an integer kernel
+    n_linear = sum(1 for n, m in model.named_modules() if type(m).__name__ == "QuantLinear")
+    assert info["int8_weights"] == n_linear + 1  # + the patch-embedding conv
+    runtime = integer_kernels(tmp_path / "q.onnx")
+    assert sum(runtime["integer_ops"].values()) >= n_linear
+    assert "QuantizeLinear" in info["nodes"] and "DequantizeLinear" in info["nodes"]
+
+
+def test_fp32_export_has_no_quantization(tmp_path):
+    x = torch.randn(2, 3, 32, 32)
+    model, _ = quantize(tiny_vit(), x, get_recipe("minmax"), progress=False)
+    info = export_onnx(model, tmp_path / "f.onnx", fp32=True)
+    assert "QuantizeLinear" not in info["nodes"] and info["int8_weights"] == 0
+    with torch.no_grad(), vitquant.quantization_disabled(model):
+        torch.testing.assert_close(OrtModel(tmp_path / "f.onnx")(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not integer_kernels(tmp_path / "f.onnx")["integer_ops"]
+
+
+def test_more_than_8_bits_is_refused():
+    model, _ = quantize(tiny_vit(), torch.randn(2, 3, 32, 32), get_recipe("minmax", 10, 10), progress=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        export_onnx(model, "/nonexistent/never_written.onnx")
+
+
+def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ck.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    img, lists = str(sample_dir / "images"), sample_dir / "splits"
+    evalargs = ["--eval-data", img, "--eval-list", str(lists / "eval.txt"), "--quiet"]
+    assert main(["quantize", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--img-size", "32", "--num-calib", "4",
+                 "--calib-data", img, "--calib-list", str(lists / "calib.txt"), *evalargs, "--num-candidates", "8",
+                 "--search-rounds", "1", "--save", str(tmp_path / "q"), "--json", str(tmp_path / "r.json")]) == 0
+    assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--json", str(tmp_path / "x.json")]) == 0
+    assert json.loads((tmp_path / "x.json").read_text())["runtime"]["integer_ops"]
+    assert main(["eval", str(tmp_path / "q.onnx"), *evalargs, "--json", str(tmp_path / "e1.json")]) == 0
+    assert main(["eval", str(tmp_path / "q"), *evalargs, "--json", str(tmp_path / "e2.json")]) == 0
+    e1, e2 = (json.loads((tmp_path / f).read_text()) for f in ("e1.json", "e2.json"))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert e1["runtime"] == "onnxruntime" and e2["runtime"] == "pytorch"
+    assert e2["top1"] == pytest.approx(r["quant_top1"], abs=1e-3)  # the saved model is the evaluated one
+    agree = sum(a[0] == b[0] for a, b in zip(e1["top5_indices"], e2["top5_indices"])) / len(e1["top5_indices"])
+    assert agree >= 0.75  # 8 images of a random-init model: near-tied logits may flip
+    assert main(["bench", str(tmp_path / "q"), "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "1",
+                 "--json", str(tmp_path / "b.json")]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert [r["batch"] for r in rows] == [1, 2]
+    for row in rows:
+        for k in ("torch_fp32_ips", "onnx_fp32_ips", "onnx_int8_ips", "int8_speedup", "accelerated"):
+            assert k in row
+        assert row["accelerated"] is True and row["int8_speedup"] == pytest.approx(
+            row["onnx_int8_ips"] / row["onnx_fp32_ips"], rel=1e-2)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "missing.onnx"), *evalargs]) == 2
+    assert "ONNX file not found" in capsys.readouterr().err
+    assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "z.onnx")]) == 2
+    assert "not a vitquant checkpoint" in capsys.readouterr().err and not (tmp_path / "z.onnx").exists()
