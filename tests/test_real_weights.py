@@ -72,3 +72,9 @@ def test_two_scaled_quantizers_beat_uniform_on_real_activations():
         o2 = _best_error(OutlierTwoScaleQuantizer(bits, 192), acts["ln"])[0]
         uln = _best_error(UniformQuantizer(bits), acts["ln"])[0]
         assert o2 < uln / 2, (bits, o2, uln)
+
+
+def test_tsptq_fully_quantized_w8a8_drop(tmp_path):
+    r = quantize("tsptq", 8, tmp_path)
+    assert r["setting"] == "full" and len(r["layernorm_outliers"]) == 25
+    assert r["top1_drop"] <= 0.5  # TSPTQ-ViT's claim for 8-bit fully quantized ViTs
