@@ -112,3 +112,13 @@ def test_uniform_layernorm_option():
                     progress=False)
     lns = [op.input_quantizer for _, op in quant_ops(m) if isinstance(op, QuantLayerNorm)]
     assert lns and all(type(q) is UniformQuantizer and q.calibrated for q in lns)
+
+
+def test_o2sf_never_flags_every_channel():
+    """A step that would flag all channels is the same as plain uniform; the grid writes it so."""
+    q = OutlierTwoScaleQuantizer(8, 16)
+    x = torch.randn(4, 10, 16) + 5.0  # every channel far from zero: small steps flag them all
+    grid = q.candidates(x, 0.01, 1.2, 100)
+    flags_all = q.channel_max.min() > (q.qmax + 0.5) * grid[:, 0, 0]
+    assert not bool((flags_all & (grid[:, 0, 1] > 0)).any())
+    assert bool((grid[:, 0, 1] == 0).any())

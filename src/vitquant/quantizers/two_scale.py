@@ -165,8 +165,13 @@ class OutlierTwoScaleQuantizer(Quantizer):
 
     def candidates(self, x, alpha, beta, n):
         self._observe(x)
-        return _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
+        grid = _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
                               max(20, math.ceil(n / 4)), divide=True)
+        # a step that flags every channel is plain uniform with step s * 2^m: write it as (s * 2^m, 0)
+        every = self.channel_max.min() > (self.qmax + 0.5) * grid[:, 0, 0]
+        grid[every, 0, 0] *= torch.exp2(grid[every, 0, 1])
+        grid[every, 0, 1] = 0.0
+        return grid
 
     def export_parts(self, x):
         """One per-channel QDQ along the last axis: the outlier channels' step is ``s * 2^m``."""
