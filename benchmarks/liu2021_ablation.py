@@ -30,6 +30,7 @@ ROWS = [  # (label, configuration key, mixed-precision sensitivity or None); mos
     ("all, Hessian-trace mixed precision", "similarity + ranking + bias correction", "hessian"),
     # mixed precision on the partial configurations needs 5 more calibrations each; run with --only
     ("similarity + mixed precision", "similarity", "nuclear"),
+    ("all (+ mixed precision, module-output Omega)", "similarity + ranking + bias correction", "nuclear/module_output"),
 ]
 
 
@@ -82,7 +83,8 @@ def main():
                     restore(ops, have[bits][0])
                     calib_s = have[bits][1].seconds
                 else:
-                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(sensitivity=sensitivity))
+                    sens, _, omega = sensitivity.partition("/")
+                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(sensitivity=sens, omega=omega or "paper"))
                     t1 = time.perf_counter()
                     rep = apply_mixed_precision(model, images, mcfg, {b: have[b][0] for b in need},
                                                 {b: have[b][1] for b in need})

@@ -184,3 +184,20 @@ def test_hessian_trace_is_hutchinson_on_the_explicit_hessian():
         vs = [torch.cat([t.reshape(-1) for t in v]) for v in vectors[m.name]]
         expect = sum(float(v @ h @ v) for v in vs) / len(vs) / g.numel()
         assert got[m.name] == pytest.approx(expect, rel=1e-4, abs=1e-7)
+
+
+def test_module_output_omega_measures_each_module_at_its_output():
+    from vitquant.recipes import MixedPrecisionConfig
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mp = MixedPrecisionConfig(choices=(4, 8), omega="module_output")
+    cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
+    model, report = quantize(tiny_vit(), x, cfg, progress=False)
+    r = report.mixed_precision
+    assert r["omega_form"] == "module_output" and r["size_mb"] <= r["budget_mb"] + 1e-9
+    for m in r["modules"]:  # more bits never perturb a module's output more
+        assert m["omega"]["8"] <= m["omega"]["4"]
+    # the nuclear norm is taken relative to the mean of its kind: MSA and MLP omegas at 4 bits are
+    # then within a few orders of magnitude, not the 10^4-10^5 of the paper's form on DeiT
+    msa = [m["omega"]["4"] for m in r["modules"] if m["kind"] == "msa"]
+    mlp = [m["omega"]["4"] for m in r["modules"] if m["kind"] == "mlp"]
+    assert 1e-3 < (sum(msa) / len(msa)) / (sum(mlp) / len(mlp)) < 1e3

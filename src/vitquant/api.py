@@ -102,7 +102,7 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
     fixed_mb = model_size_mb(model) - sum(m.num_weights * cfg.w_bits for m in modules) / 8e6
     budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
     mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
-                            cfg.batch_size, mp.hutchinson_samples, progress)
+                            cfg.batch_size, mp.hutchinson_samples, progress, mp.omega)
     base = reports[cfg.w_bits]
     report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
                                gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops)

@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--target-size-mb", type=_positive_float, help="size budget in MB (1e6 bytes)")
     lq.add_argument("--sensitivity", choices=["nuclear", "hessian"],
                     help="mixed-precision sensitivity: nuclear norm (paper) or Hessian trace (HAWQ-v2)")
+    lq.add_argument("--omega", choices=["paper", "module_output"],
+                    help="mixed-precision Omega: attention map / MLP feature as Eq. 17 (paper), or every module's "
+                         "output into the residual stream with the nuclear norm relative to its kind")
     lq.add_argument("--plots", action="store_true",
                     help="write PNG plots next to the --json file: nuclear norms and bit allocation; with "
                          "two-scaled quantizers also activation histograms with both scales' ranges")
@@ -216,13 +219,13 @@ def _config_from_args(args):
         if args.layernorm_quantizer and not cfg.quantize_layernorm:
             raise VitquantError("--layernorm-quantizer needs the fully quantized setting; add --quantize-layernorm")
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
-                  sensitivity=args.sensitivity)
+                  sensitivity=args.sensitivity, omega=args.omega)
         mp = {k: v for k, v in mp.items() if v is not None}
         if args.mixed_precision:
             cfg = cfg.replace(mixed_precision=MixedPrecisionConfig(**mp))
         elif mp:
             flags = {"choices": "--bit-choices", "target_bits": "--target-bits", "target_size_mb": "--target-size-mb",
-                     "sensitivity": "--sensitivity"}
+                     "sensitivity": "--sensitivity", "omega": "--omega"}
             raise VitquantError(f"{', '.join(flags[k] for k in mp)} need --mixed-precision")
         return cfg
     except ValueError as e:

@@ -157,10 +157,11 @@ def hessian_traces(model: nn.Module, images: torch.Tensor, modules: list[QuantMo
 
 @torch.no_grad()
 def module_outputs(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int,
-                   quantized: bool) -> list[torch.Tensor]:
-    """The module's attention map / output feature per batch of images, FP inputs; quantized
-    with only this module's ops on (``quantized``) or fully FP. Each forward stops there."""
-    name_op = [(n, op) for n, op in quant_ops(model) if n == module.output]
+                   quantized: bool, at: Optional[str] = None) -> list[torch.Tensor]:
+    """The module's attention map / output feature (or the output of op ``at``) per batch of
+    images, FP inputs; quantized with only this module's ops on (``quantized``) or fully FP.
+    Each forward stops there."""
+    name_op = [(n, op) for n, op in quant_ops(model) if n == (at or module.output)]
     captured: list[torch.Tensor] = []
 
     def hook(_):
@@ -180,10 +181,10 @@ def module_outputs(model: nn.Module, images: torch.Tensor, module: QuantModule, 
 
 
 def output_error(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int,
-                 reference: list[torch.Tensor]) -> float:
-    """``||Â - A||^2`` summed over the images: the module's map with only this module quantized
-    (its current quantizers) against ``reference``, its FP map from :func:`module_outputs`."""
-    quantized = module_outputs(model, images, module, batch_size, quantized=True)
+                 reference: list[torch.Tensor], at: Optional[str] = None) -> float:
+    """``||Â - A||^2`` summed over the images: the module's map (or op ``at``'s output) with only
+    this module quantized (its current quantizers) against ``reference`` from :func:`module_outputs`."""
+    quantized = module_outputs(model, images, module, batch_size, quantized=True, at=at)
     return sum(float((q.double() - r.double()).square().sum()) for q, r in zip(quantized, reference))
 
 
@@ -225,6 +226,7 @@ class MixedPrecisionReport:
     modules: list[dict] = field(default_factory=list)
     omega: float = 0.0
     exact: bool = True
+    omega_form: str = "paper"  # where perturbations are measured (MixedPrecisionConfig.omega)
     sensitivity_seconds: dict = field(default_factory=dict)
     perturbation_seconds: float = 0.0
 
@@ -234,9 +236,14 @@ class MixedPrecisionReport:
 
 def choose_bits(model: nn.Module, images: torch.Tensor, modules: list[QuantModule], states: dict[int, dict],
                 choices: Sequence[int], budget_bits: float, sensitivity: str, batch_size: int,
-                hutchinson_samples: int = 8, progress: bool = False) -> MixedPrecisionReport:
+                hutchinson_samples: int = 8, progress: bool = False, omega_form: str = "paper") -> MixedPrecisionReport:
     """Sensitivities, perturbations at every candidate bit-width (``states[b]``: the model's
-    quantizers calibrated at ``b`` bits), exact allocation; leaves the chosen states applied."""
+    quantizers calibrated at ``b`` bits), exact allocation; leaves the chosen states applied.
+
+    ``omega_form="module_output"`` (nuclear sensitivity only) measures each module's perturbation at
+    its output into the residual stream and divides its nuclear norm by the mean of its kind, so
+    that MSA and MLP terms are in the same units (Eq. (17) mixes attention-map and feature
+    errors, whose scales differ by orders of magnitude)."""
     from tqdm.auto import tqdm
     t = time.perf_counter()
     nuc = nuclear_norms(model, images, modules, batch_size)
@@ -250,19 +257,25 @@ def choose_bits(model: nn.Module, images: torch.Tensor, modules: list[QuantModul
     pert = np.zeros((len(modules), len(choices)))
     with tqdm(total=len(modules) * len(choices), desc="mixed precision", unit="config", disable=not progress) as bar:
         for i, m in enumerate(modules):
-            reference = None if traces is not None else module_outputs(model, images, m, batch_size, quantized=False)
+            at = m.last if omega_form == "module_output" else None
+            reference = None if traces is not None else module_outputs(model, images, m, batch_size, quantized=False,
+                                                                       at=at)
             for j, b in enumerate(choices):
                 restore(m.ops, states[b])
                 pert[i, j] = weight_error(m) if reference is None else output_error(model, images, m, batch_size,
-                                                                                      reference)
+                                                                                      reference, at=at)
                 bar.update(1)
     pert_s = time.perf_counter() - t
     sens = np.array([traces[m.name] if traces is not None else nuc[m.name] for m in modules])
+    if traces is None and omega_form == "module_output":
+        kind_mean = {k: np.mean([nuc[m.name] for m in modules if m.kind == k]) for k in {m.kind for m in modules}}
+        sens = sens / np.array([kind_mean[m.kind] for m in modules])
     omega = sens[:, None] * pert
     alloc = allocate_bits([m.num_weights for m in modules], list(choices), omega, budget_bits)
     for m, b in zip(modules, alloc.bits):
         restore(m.ops, states[b])
     report = MixedPrecisionReport(list(choices), sensitivity, budget_bits / 8e6, omega=alloc.omega, exact=alloc.exact,
+                                  omega_form=omega_form if traces is None else "hessian",
                                   sensitivity_seconds=times, perturbation_seconds=round(pert_s, 3))
     for i, (m, b) in enumerate(zip(modules, alloc.bits)):
         row = dict(name=m.name, kind=m.kind, bits=b, num_weights=m.num_weights, nuclear_norm=nuc[m.name],

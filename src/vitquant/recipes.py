@@ -53,10 +53,16 @@ class MixedPrecisionConfig:
     target_size_mb: Optional[float] = None     # or an explicit budget in MB (1e6 bytes)
     sensitivity: Literal["nuclear", "hessian"] = "nuclear"
     hutchinson_samples: int = 8                # Hessian-trace sensitivity only
+    # where the nuclear-norm Omega measures a module's error: "paper" (Eq. 17: attention map of
+    # MSA, output feature of MLP) or "module_output" (each module's output into the residual
+    # stream, proj / fc2, with the nuclear norm relative to its kind's mean: comparable units)
+    omega: Literal["paper", "module_output"] = "paper"
 
     def __post_init__(self):
         if self.sensitivity not in ("nuclear", "hessian"):
             raise ValueError(f"unknown sensitivity {self.sensitivity!r}; choose nuclear or hessian")
+        if self.omega not in ("paper", "module_output"):
+            raise ValueError(f"unknown omega {self.omega!r}; choose paper or module_output")
         if self.choices is not None:
             if not self.choices or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16
                                        for b in self.choices):

@@ -93,6 +93,11 @@ class QuantModule:
     output: str
 
     @property
+    def last(self) -> str:
+        """The op whose output leaves the module into the residual stream (proj / fc2)."""
+        return self.ops[-1][0]
+
+    @property
     def num_weights(self) -> int:
         return sum(op.weight.numel() for _, op in self.ops if hasattr(op, "weight"))
 
