@@ -30,6 +30,10 @@ def test_wrapped_model_reproduces_timm_logits(name):
 def test_every_op_of_the_ptq4vit_setting_is_an_explicit_module():
     model = wrap_model(tiny_vit())
     roles = [op.role for _, op in quant_ops(model)]
+    assert roles == (["patch_embed"] + ["layernorm", "qkv", "matmul_qk", "matmul_av", "proj", "layernorm", "fc1", "fc2"] * 2
+                     + ["layernorm", "head"])
+    attach_quantizers(model, get_recipe("ptq4vit"))  # the partial setting: LayerNorm inputs stay FP32
+    roles = [op.role for _, op in quant_ops(model, active=True)]
     assert roles == ["patch_embed"] + ["qkv", "matmul_qk", "matmul_av", "proj", "fc1", "fc2"] * 2 + ["head"]
     assert [u for u, _ in calibration_units(model)] == ["patch_embed.proj", "blocks.0", "blocks.1", "head"]
     assert model.blocks[0].mlp.fc2.input_kind == "post_gelu"
