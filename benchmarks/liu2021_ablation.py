@@ -69,7 +69,7 @@ def main():
                 continue
             for bits in args.bits:
                 cfg = get_recipe("liu2021", bits, bits).replace(**PARTS[key])
-                need = [bits] if sensitivity is None else list(range(bits - 2, bits + 3))
+                need = [bits] if sensitivity is None else MixedPrecisionConfig().calibration_bits(bits)
                 have = states.setdefault(key, {})
                 todo = [b for b in need if b not in have]
                 t0 = time.perf_counter()

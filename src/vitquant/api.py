@@ -50,10 +50,8 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
 def _quantize_mixed(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, device, progress: bool) -> CalibrationReport:
     """Mixed precision (Liu et al. 2021, Sec. 3.3): calibrate at every candidate bit-width with the
     shared engine, then choose one bit-width per MSA / MLP module under the size budget."""
-    mp = cfg.mixed_precision
-    target = mp.target_bits or cfg.w_bits
-    bits = sorted(set(mp.bit_choices(target)) | {cfg.w_bits, target})
-    states, reports = calibrate_bit_widths(model, images, cfg, bits, device, progress)
+    states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
+                                           device, progress)
     return apply_mixed_precision(model, images, cfg, states, reports, progress)
 
 
@@ -89,7 +87,7 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
     mp = cfg.mixed_precision
     target = mp.target_bits or cfg.w_bits
     choices = mp.bit_choices(target)
-    missing = sorted((set(choices) | {cfg.w_bits, target}) - set(states))
+    missing = sorted(set(mp.calibration_bits(cfg.w_bits)) - set(states))
     if missing:
         raise ValueError(f"no calibration at bit-widths {missing}")
     modules = quant_modules(model)

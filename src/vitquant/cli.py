@@ -250,10 +250,10 @@ def run_quantize(args) -> dict:
         raise VitquantError("--plots writes the PNG files next to the --json file; give --json")
     if args.json:
         _check_writable(args.json)
-    if args.save:
+    if args.save:  # before calibrating, not after
+        from .export import check_new_dir
         _check_writable(args.save)
-        if os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
-            raise VitquantError(f"--save directory {args.save} exists and is not empty")
+        check_new_dir(args.save)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise VitquantError(f"--device {args.device} requested but CUDA is not available")
     if args.threads:
@@ -476,6 +476,7 @@ def run_bench(args) -> list:
     torch.set_num_threads(threads)
     model = _load_saved(args.saved)
     size = model.patch_embed.img_size
+    env = environment()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -507,7 +508,7 @@ def run_bench(args) -> list:
             row["accelerated"] = bool(kernels["integer_ops"])
             row |= {"integer_ops": kernels["integer_ops"], "float_matmuls_left": kernels["float_matmuls"],
                     "threads": threads, "repeats": args.repeats, "warmup": args.warmup,
-                    "model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": environment()}
+                    "model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": env}
             rows.append(row)
             print(f"batch {bs:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 {row['onnx_fp32_ips']:.1f}, "
                   f"ONNX INT8 {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"

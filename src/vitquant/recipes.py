@@ -78,6 +78,12 @@ class MixedPrecisionConfig:
             return self.choices
         return tuple(b for b in range(target - 2, target + 3) if 2 <= b <= 16)
 
+    def calibration_bits(self, w_bits: int) -> list[int]:
+        """Every bit-width the model must be calibrated at: the choices, the budget's target
+        bit-width and ``w_bits`` (the ops outside the modules)."""
+        target = self.target_bits or w_bits
+        return sorted(set(self.bit_choices(target)) | {w_bits, target})
+
 
 @dataclass(frozen=True)
 class QuantConfig:

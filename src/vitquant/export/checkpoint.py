@@ -57,6 +57,13 @@ def _model_args(model: nn.Module) -> dict:
     return args
 
 
+def check_new_dir(path: str | os.PathLike) -> None:
+    """Refuse an output directory that exists and is not empty (checkpoints never overwrite)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise VitquantError(f"output directory {path} exists and is not empty")
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str] = None,
          model_args: Optional[dict] = None, weights: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
     """Write a quantized (wrapped, calibrated) model to directory ``path``; returns the manifest.
@@ -75,8 +82,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
     if not name:
         raise VitquantError("cannot tell the timm model name; pass model_name=")
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise VitquantError(f"output directory {path} exists and is not empty")
+    check_new_dir(path)
     weights_q = _quantized_weights(model)
     tensors = {}
     for key, t in model.state_dict().items():

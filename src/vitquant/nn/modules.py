@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantizers import Quantizer
-from ..quantizers.base import qdq
 
 
 def _total(parts) -> torch.Tensor:
@@ -90,13 +89,15 @@ class QuantOp(nn.Module):
             return x
         return q(x)
 
+    def _applies(self, q: Optional[Quantizer]) -> bool:
+        """Whether quantizer ``q`` of this op acts now (present, enabled, calibrated, op on)."""
+        return q is not None and self.quant_enabled and q.enabled and q.calibrated
+
     def _parts(self, operand: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """``x`` as QDQ-written ``(part, factor)`` pairs, ``sum(part * factor)`` its quantized
         value (ONNX export, see ``Quantizer.export_parts``)."""
         q = self.quantizer(operand)
-        if q is None or not self.quant_enabled or not q.enabled or not q.calibrated:
-            return [(x, None)]
-        return q.export_parts(x)
+        return q.export_parts(x) if self._applies(q) else [(x, None)]
 
     def output_group_dim(self, operand: str) -> Optional[int]:
         """Dimension of the op output (batch first) along which ``operand``'s scale groups act
@@ -126,6 +127,7 @@ class _WeightOp(QuantOp):
         self.weight_quantizer: Optional[Quantizer] = None
         self.input_quantizer: Optional[Quantizer] = None
         self._wq_cache: Optional[torch.Tensor] = None
+        self._export: Optional[_ExportWeight] = None  # set by prepare_export for ONNX tracing
         # Bias correction (Eqs. (13)-(15), Liu et al. 2021): the expected output error per output
         # channel, subtracted from the bias while quantization is on (the FP bias is untouched;
         # an op without bias gets one this way).
@@ -150,7 +152,7 @@ class _WeightOp(QuantOp):
         per-output-channel steps, written into the graph as int8 constants + DequantizeLinear."""
         wq = self.weight_quantizer
         self._export = None
-        if wq is None or not self.quant_enabled or not wq.enabled or not wq.calibrated:
+        if not self._applies(wq):
             return
         if wq.qmin < -128 or wq.qmax > 127:
             raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit int8; ONNX export "
@@ -163,13 +165,13 @@ class _WeightOp(QuantOp):
     def export_weight(self, anchor: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """The weight for ONNX export (``[in, out]`` with ``transpose``): int8 codes and a
         DequantizeLinear in the graph; ``anchor`` is any traced tensor of the forward pass."""
-        if getattr(self, "_export", None) is None:
+        if self._export is None:
             return self.weight.t() if transpose else self.weight
         return _DequantizedWeight.apply(anchor, self._export)
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.weight_quantizer
-        if wq is None or not self.quant_enabled or not wq.enabled or not wq.calibrated:
+        if not self._applies(wq):
             return self.weight
         if self.training or torch.is_grad_enabled():
             return wq(self.weight)

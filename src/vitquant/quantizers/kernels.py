@@ -34,7 +34,7 @@ def uniform_symmetric(x: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float
 def uniform_channels(x: torch.Tensor, s: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:
     """:func:`uniform_symmetric` with one step per channel (O-2SF); a separate function so that
     its compiled kernels (another broadcast pattern) have their own cache."""
-    return (x / s).round_().clamp_(qmin, qmax).mul_(s)
+    return uniform_symmetric(x, s, qmin, qmax)
 
 
 def uniform_affine(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: float, qmax: float) -> torch.Tensor:

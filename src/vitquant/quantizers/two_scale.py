@@ -23,14 +23,13 @@ from . import kernels
 from .base import Quantizer, broadcast_groups, group_rows, qdq, qdq_part, reduce_to_groups
 
 
-def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: float, n: int,
-                   divide: bool) -> torch.Tensor:
+def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: float, n: int) -> torch.Tensor:
     """Candidates ``[n * len(exponents), G, 2]`` of (step, m): for every exponent m, ``n``
-    steps ``f * base / 2^m`` (``divide``) or ``f * base`` with ``f`` in ``[alpha, beta)``."""
+    steps ``f * base / 2^m`` with ``f`` in ``[alpha, beta)``."""
     factors = alpha + torch.arange(n, dtype=torch.float64) * (beta - alpha) / n
     rows = []
     for m in exponents:
-        step = factors[:, None] * base.double()[None, :] / (2.0 ** m if divide else 1.0)
+        step = factors[:, None] * base.double()[None, :] / 2.0 ** m
         rows.append(torch.stack([step, torch.full_like(step, float(m))], dim=-1))
     return torch.cat(rows).float()
 
@@ -90,7 +89,7 @@ class ValueTwoScaleQuantizer(Quantizer):
 
     def candidates(self, x, alpha, beta, n):
         return _exponent_grid(self._coarse_base(x), range(1, self.max_exponent + 1), alpha, beta,
-                              max(20, math.ceil(n / 4)), divide=True)
+                              max(20, math.ceil(n / 4)))
 
     def spec(self) -> dict:
         return super().spec() | {"signed": self.signed, "max_exponent": self.max_exponent}
@@ -127,10 +126,13 @@ class OutlierTwoScaleQuantizer(Quantizer):
         self.max_exponent = max_exponent
         self.register_buffer("channel_max", torch.zeros(channels))  # calibrated max|x| per channel
 
+    def _outliers(self, step):
+        """Channels whose calibrated max|x| exceeds the largest value step ``step`` represents."""
+        return self.channel_max > (self.qmax + 0.5) * step
+
     def _channel_step(self, s):
         step, m = s  # [*lead, 1, ..., 1]
-        outlier = self.channel_max > (self.qmax + 0.5) * step
-        return torch.where(outlier, step * torch.exp2(m), step)  # [*lead, 1, ..., C]
+        return torch.where(self._outliers(step), step * torch.exp2(m), step)  # [*lead, 1, ..., C]
 
     def _fake_quant(self, x, s, shape, fused=False):
         return kernels.run_kernel(kernels.uniform_channels, x, self._channel_step(s), float(self.qmin),
@@ -145,7 +147,7 @@ class OutlierTwoScaleQuantizer(Quantizer):
     def outlier_flags(self) -> torch.Tensor:
         """Channels using the coarse step ``s * 2^m`` (bool ``[C]``); none when ``m = 0``."""
         step, m = self.scale[0]
-        return (self.channel_max > (self.qmax + 0.5) * step) & (m > 0)
+        return self._outliers(step) & (m > 0)
 
     def _base(self) -> torch.Tensor:
         return (self.channel_max.max() / (self.qmax + 0.5)).clamp(min=1e-8).reshape(1)
@@ -166,9 +168,9 @@ class OutlierTwoScaleQuantizer(Quantizer):
     def candidates(self, x, alpha, beta, n):
         self._observe(x)
         grid = _exponent_grid(self._base(), range(0, self.max_exponent + 1), alpha, beta,
-                              max(20, math.ceil(n / 4)), divide=True)
+                              max(20, math.ceil(n / 4)))
         # a step that flags every channel is plain uniform with step s * 2^m: write it as (s * 2^m, 0)
-        every = self.channel_max.min() > (self.qmax + 0.5) * grid[:, 0, 0]
+        every = self._outliers(grid[:, 0, 0, None]).all(1)
         grid[every, 0, 0] *= torch.exp2(grid[every, 0, 1])
         grid[every, 0, 1] = 0.0
         return grid
@@ -176,7 +178,7 @@ class OutlierTwoScaleQuantizer(Quantizer):
     def export_parts(self, x):
         """One per-channel QDQ along the last axis: the outlier channels' step is ``s * 2^m``."""
         step, m = (float(v) for v in self.scale[0])
-        steps = [step * 2.0 ** m if c > (self.qmax + 0.5) * step else step for c in self.channel_max.tolist()]
+        steps = [step * 2.0 ** m if flag else step for flag in self._outliers(step).tolist()]
         return [(qdq(x, torch.tensor(steps), -1, self.qmin, self.qmax), None)]
 
     def spec(self) -> dict:
