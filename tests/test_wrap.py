@@ -69,3 +69,13 @@ def test_wrapping_keeps_eval_mode_and_rejects_unknown_families():
     assert not any(m.training for m in model.modules())
     with pytest.raises(ValueError, match="unsupported model family"):
         wrap_model(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_module_weight_count_ignores_layernorms_inside_attention():
+    """q/k norms are wrapped LayerNorms (quantizable inputs) but their affine weights are not
+    quantized weights: mixed precision must not budget them."""
+    from vitquant.nn.wrap import quant_modules
+    model = wrap_model(timm.create_model("vit_tiny_patch16_224", qk_norm=True, img_size=32, depth=1))
+    attn, mlp = quant_modules(model)
+    assert any("q_norm" in n for n, _ in attn.ops)
+    assert attn.num_weights == 4 * 192 * 192 and mlp.num_weights == 2 * 192 * 768

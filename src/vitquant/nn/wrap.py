@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 from torch import nn
 
 from .attention import QuantAttention, QuantWindowAttention
-from .modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp
+from .modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp, _WeightOp
 
 SUPPORTED_FAMILIES = ("VisionTransformer", "VisionTransformerDistilled", "SwinTransformer")
 _BLOCK_TYPES = ("Block", "SwinTransformerBlock", "PatchMerging")
@@ -99,7 +99,7 @@ class QuantModule:
 
     @property
     def num_weights(self) -> int:
-        return sum(op.weight.numel() for _, op in self.ops if hasattr(op, "weight"))
+        return sum(op.weight.numel() for _, op in self.ops if isinstance(op, _WeightOp))
 
 
 def quant_modules(model: nn.Module) -> list[QuantModule]:
