@@ -31,6 +31,7 @@ ROWS = [  # (label, configuration key, mixed-precision sensitivity or None); mos
     # mixed precision on the partial configurations needs 5 more calibrations each; run with --only
     ("similarity + mixed precision", "similarity", "nuclear"),
     ("all (+ mixed precision, module-output Omega)", "similarity + ranking + bias correction", "nuclear/module_output"),
+    ("all (+ mixed precision, output-KL Omega)", "similarity + ranking + bias correction", "nuclear/output_kl"),
 ]
 
 
@@ -47,7 +48,7 @@ def main():
     from vitquant.api import apply_mixed_precision, calibrate_bit_widths
     from vitquant.evaluate import compare, model_size_mb, predict_top5, topk_accuracy
     from vitquant.io import atomic_write_json, atomic_write_text
-    from vitquant.mixed_precision import restore
+    from vitquant.calibration.checkpoint import restore
     from vitquant.models import load_model
     from vitquant.nn import quant_ops, wrap_model
     from vitquant.recipes import MixedPrecisionConfig

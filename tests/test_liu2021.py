@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_swin, tiny_vit
+import vitquant
 from vitquant import quantize
 from vitquant.calibration import OpData
 from vitquant.calibration.bias_correction import correct_bias, mean_output_error
@@ -201,3 +202,23 @@ def test_module_output_omega_measures_each_module_at_its_output():
     msa = [m["omega"]["4"] for m in r["modules"] if m["kind"] == "msa"]
     mlp = [m["omega"]["4"] for m in r["modules"] if m["kind"] == "mlp"]
     assert 1e-3 < (sum(msa) / len(msa)) / (sum(mlp) / len(mlp)) < 1e3
+
+
+def test_output_kl_omega_is_the_kl_of_the_class_probabilities_with_one_module_quantized():
+    from vitquant.nn.wrap import quant_modules, quantization_only
+    from vitquant.recipes import MixedPrecisionConfig
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mp = MixedPrecisionConfig(choices=(4, 8), omega="output_kl")
+    cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
+    model, report = quantize(tiny_vit(), x, cfg, progress=False)
+    r = report.mixed_precision
+    assert r["omega_form"] == "output_kl" and r["size_mb"] <= r["budget_mb"] + 1e-9
+    with torch.no_grad(), vitquant.quantization_disabled(model):
+        p = model(x).double().log_softmax(-1)
+    for module, row in zip(quant_modules(model), r["modules"]):
+        assert 0 <= row["omega"]["8"] <= row["omega"]["4"]
+        # the model holds each module at its chosen bit-width: recompute that entry by hand
+        with torch.no_grad(), quantization_only(model, [op for _, op in module.ops]):
+            q = model(x).double().log_softmax(-1)
+        kl = float((p.exp() * (p - q)).sum(-1).mean())
+        assert row["omega"][str(row["bits"])] == pytest.approx(kl, rel=1e-9, abs=1e-15)

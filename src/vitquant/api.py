@@ -1,25 +1,31 @@
 """Python API: ``quantize(model, calib_data, config)``, one verb."""
 from __future__ import annotations
 
-from typing import Union
+import hashlib
+import os
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .calibration.checkpoint import CalibrationCheckpoint, restore, snapshot, tensor_sha256
 from .calibration.engine import CalibrationReport, calibrate
 from .data import ImageSet
 from .evaluate import model_size_mb
-from .mixed_precision import choose_bits, restore, snapshot
+from .mixed_precision import choose_bits
 from .nn.wrap import is_wrapped, quant_modules, quant_ops, wrap_model
 from .recipes import QuantConfig, attach_quantizers, calibrate_op, get_recipe
 
 
 def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config: Union[QuantConfig, str] = "ptq4vit",
-             *, progress: bool = True) -> tuple[nn.Module, CalibrationReport]:
+             *, progress: bool = True, work_dir: Optional[Union[str, os.PathLike]] = None
+             ) -> tuple[nn.Module, CalibrationReport]:
     """Wrap a timm ViT / DeiT / Swin in place, attach the config's quantizers and calibrate them.
 
     ``calib_data``: normalised images ``[N, 3, H, W]`` or an :class:`ImageSet` (no labels needed).
     ``config``: a :class:`QuantConfig` or a recipe name (``"ptq4vit"``, ``"base"``, ...).
+    ``work_dir``: save each calibrated block there; rerunning with the same model, config and
+    images resumes from the last finished block (a different run refuses the directory).
     Returns the quantized model (quantization on; see ``quantization_disabled`` for FP) and the
     calibration report.
     """
@@ -34,32 +40,41 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
             raise ValueError(f"model parameter {name} contains NaN or infinite values")
     device = next(model.parameters()).device
     images = images.to(device)
+    checkpoint = None if work_dir is None else CalibrationCheckpoint(work_dir, run_fingerprint(model, images, cfg))
     if not is_wrapped(model):
         wrap_model(model)
     model.eval()
     model.vitquant_config = cfg  # recorded by vitquant.save
     if cfg.mixed_precision is not None:
-        return model, _quantize_mixed(model, images, cfg, device, progress)
+        states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
+                                               device, progress, checkpoint)
+        return model, apply_mixed_precision(model, images, cfg, states, reports, progress)
     attach_quantizers(model, cfg)
     model.to(device)
     report = calibrate(model, images, calibrate_op(cfg), need_grad=cfg.hessian, batch_size=cfg.batch_size,
-                       sequential=cfg.sequential, progress=progress)
+                       sequential=cfg.sequential, progress=progress, checkpoint=checkpoint)
     return model, report
 
 
-def _quantize_mixed(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, device, progress: bool) -> CalibrationReport:
-    """Mixed precision (Liu et al. 2021, Sec. 3.3): calibrate at every candidate bit-width with the
-    shared engine, then choose one bit-width per MSA / MLP module under the size budget."""
-    states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
-                                           device, progress)
-    return apply_mixed_precision(model, images, cfg, states, reports, progress)
+def run_fingerprint(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> dict:
+    """Everything that defines a calibration run's result: weights, config, images, versions."""
+    from . import __version__
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return {"vitquant": __version__, "torch": torch.__version__, "model": type(model).__name__,
+            "weights_sha256": h.hexdigest(), "config": cfg.to_dict(),
+            "images": {"shape": list(images.shape), "sha256": tensor_sha256(images)}}
 
 
 def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, bits, device=None,
-                         progress: bool = False) -> tuple[dict, dict]:
+                         progress: bool = False, checkpoint: Optional[CalibrationCheckpoint] = None
+                         ) -> tuple[dict, dict]:
     """Calibrate the wrapped model once per bit-width (weights and inputs alike) with ``cfg``'s
-    single-precision recipe. Returns the quantizer state (:func:`snapshot`) and the calibration
-    report per bit-width."""
+    single-precision recipe (mixed precision, Liu et al. 2021, Sec. 3.3). Returns the quantizer
+    state (:func:`snapshot`) and the calibration report per bit-width; with ``checkpoint``, each
+    bit-width's calibration is resumable in its own sub-directory."""
     if cfg.sequential:
         raise ValueError("mixed precision needs parallel calibration (a module's scales must not depend on "
                          "the other modules' bit-widths); drop --sequential")
@@ -73,7 +88,8 @@ def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfi
         if progress:
             print(f"calibrating at {b} bits", flush=True)
         reports[b] = calibrate(model, images, calibrate_op(single), need_grad=single.hessian,
-                               batch_size=cfg.batch_size, progress=progress)
+                               batch_size=cfg.batch_size, progress=progress,
+                               checkpoint=None if checkpoint is None else checkpoint.child(f"{b}bits", bits=b))
         states[b] = snapshot(ops)
     return states, reports
 
@@ -103,7 +119,8 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
                             cfg.batch_size, mp.hutchinson_samples, progress, mp.omega)
     base = reports[cfg.w_bits]
     report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
-                               gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops)
+                               gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops,
+                               resumed_units=sum(r.resumed_units for r in reports.values()))
     report.mixed_precision = mp_report.to_dict() | {"budget_mb": budget_mb, "size_mb": model_size_mb(model),
                                                     "calibration_seconds": {str(b): r.seconds for b, r in reports.items()}}
     return report

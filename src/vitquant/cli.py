@@ -124,9 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--target-size-mb", type=_positive_float, help="size budget in MB (1e6 bytes)")
     lq.add_argument("--sensitivity", choices=["nuclear", "hessian"],
                     help="mixed-precision sensitivity: nuclear norm (paper) or Hessian trace (HAWQ-v2)")
-    lq.add_argument("--omega", choices=["paper", "module_output"],
-                    help="mixed-precision Omega: attention map / MLP feature as Eq. 17 (paper), or every module's "
-                         "output into the residual stream with the nuclear norm relative to its kind")
+    lq.add_argument("--omega", choices=["paper", "module_output", "output_kl"],
+                    help="mixed-precision Omega: attention map / MLP feature as Eq. 17 (paper), every module's "
+                         "output into the residual stream with the nuclear norm relative to its kind "
+                         "(module_output), or the KL divergence of the class probabilities (output_kl)")
     lq.add_argument("--plots", action="store_true",
                     help="write PNG plots next to the --json file: nuclear norms and bit allocation; with "
                          "two-scaled quantizers also activation histograms with both scales' ranges")
@@ -150,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", help="write the result as one JSON object to this file")
     r.add_argument("--save", metavar="DIR", help="save the quantized model (integer weights, all quantizer "
                                                   "parameters, manifest) to this new directory; load with vitquant.load")
+    r.add_argument("--work-dir", metavar="DIR",
+                   help="save calibration progress here after every block; rerunning the same command resumes "
+                        "from the last finished block (a changed model, config or data refuses the directory)")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     e = sub.add_parser("export", help="export a saved quantized model to ONNX (QDQ, int8 integer kernels)")
     e.add_argument("saved", help="directory written by quantize --save")
@@ -301,7 +305,7 @@ def run_quantize(args) -> dict:
     model.to(args.device)
     t0 = time.perf_counter()
     try:
-        model, report = quantize(model, calib, cfg, progress=progress)
+        model, report = quantize(model, calib, cfg, progress=progress, work_dir=args.work_dir)
     except ValueError as e:
         raise VitquantError(str(e)) from None
     calib_seconds = time.perf_counter() - t0
@@ -329,6 +333,10 @@ def run_quantize(args) -> dict:
         "environment": environment(), "vitquant_version": __version__,
         "layers": report.ops,
     }
+    if args.work_dir:
+        result["work_dir"] = {"dir": args.work_dir, "resumed_units": report.resumed_units}
+        if report.resumed_units and not args.quiet:
+            print(f"resumed {report.resumed_units} calibrated blocks from {args.work_dir}", file=sys.stderr)
     if report.mixed_precision is not None:
         result["mixed_precision"] = report.mixed_precision
     result["setting"] = cfg.setting
@@ -402,10 +410,11 @@ def run_export(args) -> dict:
         info = export_onnx(model, args.onnx, fp32=args.fp32, metadata=_metadata(model))
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
-    info["runtime"] = integer_kernels(args.onnx)
+    info["runtime"] = integer_kernels(args.onnx, None if args.fp32 else model)
     kinds = ", ".join(f"{k} {v}" for k, v in info["runtime"]["integer_ops"].items()) or "none"
     print(f"wrote {args.onnx} ({info['bytes'] / 1e6:.2f} MB, {info['int8_weights']} int8 weights); "
           f"ONNX Runtime integer kernels: {kinds}; float MatMul/Gemm left: {info['runtime']['float_matmuls']}")
+    _print_fusion(info["runtime"].get("by_quantizer", {}))
     if args.json:
         atomic_write_json(args.json, info)
     return info
@@ -461,61 +470,35 @@ def run_eval(args) -> dict:
 
 
 def run_bench(args) -> list:
-    import statistics
-    import tempfile
-
-    import torch
-
-    from .export.onnx import OrtModel, export_onnx, integer_kernels
+    from .export.bench import benchmark_runtimes
     from .io import atomic_write_json
-    from .nn import quantization_disabled
     from .report import environment
     if args.json:
         _check_writable(args.json)
-    threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(threads)
     model = _load_saved(args.saved)
-    size = model.patch_embed.img_size
+    try:
+        rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
+                                  threads=args.threads)
+    except (ValueError, NotImplementedError) as e:
+        raise VitquantError(f"cannot export: {e}") from None
     env = environment()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            export_onnx(model, f"{tmp}/int8.onnx")
-            export_onnx(model, f"{tmp}/fp32.onnx", fp32=True)
-        except (ValueError, NotImplementedError) as e:
-            raise VitquantError(f"cannot export: {e}") from None
-        kernels = integer_kernels(f"{tmp}/int8.onnx")
-        runtimes = {"onnx_int8": OrtModel(f"{tmp}/int8.onnx", threads), "onnx_fp32": OrtModel(f"{tmp}/fp32.onnx", threads)}
-
-        def torch_fp32(x):
-            with quantization_disabled(model):
-                return model(x)
-        runtimes["torch_fp32"] = torch_fp32
-        for bs in args.batch_sizes:
-            x = torch.randn(bs, 3, *size, generator=torch.Generator().manual_seed(0))
-            row = {"batch": bs}
-            for name, run in runtimes.items():
-                with torch.no_grad():
-                    for _ in range(args.warmup):
-                        run(x)
-                    times = []
-                    for _ in range(args.repeats):
-                        t = time.perf_counter()
-                        run(x)
-                        times.append(time.perf_counter() - t)
-                row[f"{name}_ips"] = round(bs / statistics.median(times), 3)
-            row["int8_speedup"] = round(row["onnx_int8_ips"] / row["onnx_fp32_ips"], 3)
-            row["accelerated"] = bool(kernels["integer_ops"])
-            row |= {"integer_ops": kernels["integer_ops"], "float_matmuls_left": kernels["float_matmuls"],
-                    "threads": threads, "repeats": args.repeats, "warmup": args.warmup,
-                    "model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": env}
-            rows.append(row)
-            print(f"batch {bs:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 {row['onnx_fp32_ips']:.1f}, "
-                  f"ONNX INT8 {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
-                  f"{'' if row['accelerated'] else ', NOT accelerated: no integer kernels'})")
+    for row in rows:
+        row |= {"model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": env}
+        print(f"batch {row['batch']:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 "
+              f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
+              f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})")
+    _print_fusion(rows[0]["by_quantizer"] if rows else {})
     if args.json:
         atomic_write_json(args.json, rows)
     return rows
+
+
+def _print_fusion(by_quantizer: dict) -> None:
+    """One line per kind of quantized op (op type and input quantizers): how many run as integer kernels."""
+    for kind, counts in by_quantizer.items():
+        total = counts["integer"] + counts["float"]
+        state = "integer kernels" if not counts["float"] else f"{counts['float']} of {total} left in FLOAT"
+        print(f"  {kind}: {total} ops, {state}")
 
 
 def _check_writable(path: str) -> None:

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration.checkpoint import restore
 from .calibration.engine import _StopForward, _batches, _forward_hooks
-from .nn.modules import QuantOp, _WeightOp
+from .nn.modules import _WeightOp
 from .nn.wrap import QuantModule, quant_ops, quantization_disabled, quantization_only
 
 
@@ -188,6 +188,21 @@ def output_error(model: nn.Module, images: torch.Tensor, module: QuantModule, ba
     return sum(float((q.double() - r.double()).square().sum()) for q, r in zip(quantized, reference))
 
 
+@torch.no_grad()
+def logits_log_softmax(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(b).double().log_softmax(-1) for b in _batches(images, batch_size)])
+
+
+def output_kl(model: nn.Module, images: torch.Tensor, module: QuantModule, batch_size: int,
+              reference: torch.Tensor) -> float:
+    """``KL(p_FP || p_Q)`` of the model's class probabilities, mean over the images, with only this
+    module quantized (its current quantizers); ``reference``: the FP log-probabilities
+    (:func:`logits_log_softmax` with quantization off). ZeroQ-style sensitivity."""
+    with quantization_only(model, [op for _, op in module.ops]):
+        q = logits_log_softmax(model, images, batch_size)
+    return float((reference.exp() * (reference - q)).sum(-1).mean())
+
+
 def weight_error(module: QuantModule) -> float:
     """``||Ŵ - W||^2`` over the module's weights (current quantizers)."""
     total = 0.0
@@ -196,26 +211,6 @@ def weight_error(module: QuantModule) -> float:
             if isinstance(op, _WeightOp) and op.weight_quantizer is not None:
                 total += float((op.weight_quantizer.fake_quant(op.weight) - op.weight).double().square().sum())
     return total
-
-
-# -- quantizer states per bit-width ----------------------------------------------------------------
-
-
-def snapshot(ops: list[tuple[str, QuantOp]]) -> dict:
-    """A copy of every op's quantizers and bias correction."""
-    return {n: ({k: copy.deepcopy(q) for k, q in op.quantizers().items()},
-                None if getattr(op, "bias_correction", None) is None else op.bias_correction.clone())
-            for n, op in ops}
-
-
-def restore(ops: list[tuple[str, QuantOp]], state: dict) -> None:
-    for n, op in ops:
-        quantizers, correction = state[n]
-        for operand, q in quantizers.items():
-            op.set_quantizer(operand, copy.deepcopy(q))
-        if isinstance(op, _WeightOp):
-            op.bias_correction = None if correction is None else correction.clone()
-        op.refresh()
 
 
 @dataclass
@@ -243,7 +238,9 @@ def choose_bits(model: nn.Module, images: torch.Tensor, modules: list[QuantModul
     ``omega_form="module_output"`` (nuclear sensitivity only) measures each module's perturbation at
     its output into the residual stream and divides its nuclear norm by the mean of its kind, so
     that MSA and MLP terms are in the same units (Eq. (17) mixes attention-map and feature
-    errors, whose scales differ by orders of magnitude)."""
+    errors, whose scales differ by orders of magnitude). ``omega_form="output_kl"`` takes Omega
+    as the KL divergence of the model's class probabilities with only that module quantized
+    (one full forward per module and bit-width; the nuclear norms are still reported)."""
     from tqdm.auto import tqdm
     t = time.perf_counter()
     nuc = nuclear_norms(model, images, modules, batch_size)
@@ -255,18 +252,26 @@ def choose_bits(model: nn.Module, images: torch.Tensor, modules: list[QuantModul
         times["hessian"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     pert = np.zeros((len(modules), len(choices)))
+    kl = traces is None and omega_form == "output_kl"
+    if kl:
+        with quantization_disabled(model):
+            fp_log_probs = logits_log_softmax(model, images, batch_size)
     with tqdm(total=len(modules) * len(choices), desc="mixed precision", unit="config", disable=not progress) as bar:
         for i, m in enumerate(modules):
             at = m.last if omega_form == "module_output" else None
-            reference = None if traces is not None else module_outputs(model, images, m, batch_size, quantized=False,
-                                                                       at=at)
+            reference = None if traces is not None or kl else module_outputs(model, images, m, batch_size,
+                                                                             quantized=False, at=at)
             for j, b in enumerate(choices):
                 restore(m.ops, states[b])
-                pert[i, j] = weight_error(m) if reference is None else output_error(model, images, m, batch_size,
-                                                                                      reference, at=at)
+                if kl:
+                    pert[i, j] = output_kl(model, images, m, batch_size, fp_log_probs)
+                elif reference is None:
+                    pert[i, j] = weight_error(m)
+                else:
+                    pert[i, j] = output_error(model, images, m, batch_size, reference, at=at)
                 bar.update(1)
     pert_s = time.perf_counter() - t
-    sens = np.array([traces[m.name] if traces is not None else nuc[m.name] for m in modules])
+    sens = np.array([traces[m.name] if traces is not None else 1.0 if kl else nuc[m.name] for m in modules])
     if traces is None and omega_form == "module_output":
         kind_mean = {k: np.mean([nuc[m.name] for m in modules if m.kind == k]) for k in {m.kind for m in modules}}
         sens = sens / np.array([kind_mean[m.kind] for m in modules])

@@ -44,6 +44,9 @@ class SearchConfig:
             raise ValueError("memory budget must be positive")
 
 
+OMEGA_FORMS = ("paper", "module_output", "output_kl")
+
+
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
     """One bit-width per MSA / MLP module under a model-size budget (Liu et al. 2021, Sec. 3.3).
@@ -55,14 +58,15 @@ class MixedPrecisionConfig:
     hutchinson_samples: int = 8                # Hessian-trace sensitivity only
     # where the nuclear-norm Omega measures a module's error: "paper" (Eq. 17: attention map of
     # MSA, output feature of MLP) or "module_output" (each module's output into the residual
-    # stream, proj / fc2, with the nuclear norm relative to its kind's mean: comparable units)
-    omega: Literal["paper", "module_output"] = "paper"
+    # stream, proj / fc2, with the nuclear norm relative to its kind's mean: comparable units) or
+    # "output_kl" (KL divergence of the class probabilities with only that module quantized)
+    omega: Literal["paper", "module_output", "output_kl"] = "paper"
 
     def __post_init__(self):
         if self.sensitivity not in ("nuclear", "hessian"):
             raise ValueError(f"unknown sensitivity {self.sensitivity!r}; choose nuclear or hessian")
-        if self.omega not in ("paper", "module_output"):
-            raise ValueError(f"unknown omega {self.omega!r}; choose paper or module_output")
+        if self.omega not in OMEGA_FORMS:
+            raise ValueError(f"unknown omega {self.omega!r}; choose one of {', '.join(OMEGA_FORMS)}")
         if self.choices is not None:
             if not self.choices or any(isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16
                                        for b in self.choices):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..nn.modules import QuantOp
+from .checkpoint import CalibrationCheckpoint, restore
 from ..quantizers.kernels import fused_kernels
 from ..nn.wrap import calibration_units, quant_ops, quantization_disabled
 from .search import OpData, alternating_search
@@ -33,6 +34,7 @@ class CalibrationReport:
     gradient_seconds: float = 0.0
     ops: dict = field(default_factory=dict)
     mixed_precision: Optional[dict] = None  # set by mixed-precision quantization
+    resumed_units: int = 0  # calibration units loaded from a work directory instead of calibrated
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -136,32 +138,50 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
               *, need_grad: bool, batch_size: int = 4, sequential: bool = False,
-              progress: bool = True) -> CalibrationReport:
+              progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None) -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
     (the recipe's per-op step: initialise quantizers, search, extras).
 
+    ``checkpoint``: finished units are saved there and, on a rerun, loaded instead of calibrated
+    (resumable calibration, bit-identical to an uninterrupted run).
     Runs with eager quantization kernels: the search sees many tensor shapes, each of which a
     fused kernel would have to compile for; the fused kernels are for inference."""
     with fused_kernels(False):
         return _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
-                          sequential=sequential, progress=progress)
+                          sequential=sequential, progress=progress, checkpoint=checkpoint)
 
 
-def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, progress) -> CalibrationReport:
+def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, progress,
+               checkpoint) -> CalibrationReport:
     from tqdm.auto import tqdm
 
     report = CalibrationReport()
     t0 = time.perf_counter()
     model.eval()
+    units = calibration_units(model)
+    done = {}
+    if checkpoint is not None:
+        for i, (unit_name, ops) in enumerate(units):
+            saved = checkpoint.load(i, unit_name)
+            if saved is not None:
+                done[i] = saved
+    report.resumed_units = len(done)
     grads = {}
-    if need_grad:
+    if need_grad and len(done) < len(units):
         grads = collect_gradients(model, images, batch_size)
         report.gradient_seconds = time.perf_counter() - t0
-    units = calibration_units(model)
     total = sum(len(ops) for _, ops in units)
     bar = tqdm(total=total, desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True)
     try:
-        for unit_name, ops in units:
+        for index, (unit_name, ops) in enumerate(units):
+            if index in done:  # finished by an earlier, interrupted run
+                state, infos = done.pop(index)
+                restore(ops, state)
+                report.ops.update(infos)
+                for name, _ in ops:
+                    grads.pop(name, None)
+                bar.update(len(ops))
+                continue
             data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=sequential)
             for name, op in ops:
                 bar.set_postfix_str(name)
@@ -173,6 +193,8 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
                 report.ops[name] = info
                 del d
                 bar.update(1)
+            if checkpoint is not None:
+                checkpoint.save(index, unit_name, ops, {n: report.ops[n] for n, _ in ops})
     finally:
         bar.close()
     report.seconds = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from ..nn.wrap import quant_ops, quantization_disabled
 
 INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
                "QLinearConv", "ConvInteger", "QAttention")
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm")
 
 
 @contextlib.contextmanager
@@ -85,18 +86,61 @@ def session(path: str | os.PathLike, threads: Optional[int] = None, optimized_pa
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
-def integer_kernels(path: str | os.PathLike) -> dict:
+def _module_path(node_name: str) -> str:
+    """The module path of a node traced by the TorchScript exporter: ``/blocks/blocks.0/attn/qkv/MatMul``
+    -> ``blocks.0.attn.qkv`` (a scope that extends its parent's name replaces it)."""
+    parts: list[str] = []
+    for p in node_name.strip("/").split("/")[:-1]:
+        if parts and p.startswith(parts[-1] + "."):
+            parts[-1] = p
+        else:
+            parts.append(p)
+    return ".".join(parts)
+
+
+def integer_kernels(path: str | os.PathLike, model: Optional[nn.Module] = None) -> dict:
     """The ops of the graph ONNX Runtime actually runs after its optimisations: counts of integer
-    kernels and of MatMul / Conv left in floating point."""
+    kernels and of MatMul / Conv left in floating point.
+
+    With ``model`` (the exported one), every quantized op is traced to the kernels it became:
+    ``ops`` maps op name -> ``"integer"`` / ``"float"`` (a float op has at least one float MatMul /
+    Gemm / Conv), ``by_quantizer`` counts them per op type and input quantizers, and
+    ``accelerated`` is True when every quantized matmul (Linear and activation-activation) runs as
+    an integer kernel (convolutions are reported, not required)."""
     import onnx
     with tempfile.TemporaryDirectory() as tmp:
         opt = os.path.join(tmp, "optimized.onnx")
         session(path, optimized_path=opt)
-        ops = Counter(n.op_type for n in onnx.load(opt).graph.node)
+        nodes = list(onnx.load(opt).graph.node)
+    ops = Counter(n.op_type for n in nodes)
     integer = {k: v for k, v in ops.items() if k in INTEGER_OPS}
-    return {"integer_ops": integer, "float_matmuls": ops.get("MatMul", 0) + ops.get("FusedMatMul", 0)
-            + ops.get("Gemm", 0), "float_convs": ops.get("Conv", 0) + ops.get("FusedConv", 0),
-            "quantize_ops": ops.get("QuantizeLinear", 0) + ops.get("DynamicQuantizeLinear", 0)}
+    result = {"integer_ops": integer, "float_matmuls": sum(ops.get(k, 0) for k in FLOAT_MATMULS),
+              "float_convs": ops.get("Conv", 0) + ops.get("FusedConv", 0),
+              "quantize_ops": ops.get("QuantizeLinear", 0) + ops.get("DynamicQuantizeLinear", 0),
+              "accelerated": bool(integer)}
+    if model is None:
+        return result
+    kernels: dict[str, set] = {}
+    for n in nodes:
+        if n.op_type in INTEGER_OPS or n.op_type in FLOAT_MATMULS or n.op_type in ("Conv", "FusedConv"):
+            kernels.setdefault(_module_path(n.name), set()).add("integer" if n.op_type in INTEGER_OPS else "float")
+    from ..nn.modules import QuantConv2d
+    per_op, by_quantizer, matmuls = {}, {}, []
+    for name, op in quant_ops(model, active=True):
+        found = kernels.get(name)
+        if not found:
+            continue  # no matmul / conv of its own (LayerNorm inputs)
+        kind = "float" if "float" in found else "integer"
+        per_op[name] = kind
+        if not isinstance(op, QuantConv2d):
+            matmuls.append(kind)
+        inputs = ", ".join(f"{k} {type(q).__name__}" for k, q in op.quantizers().items() if k != "weight")
+        key = f"{type(op).__name__}({inputs})"
+        counts = by_quantizer.setdefault(key, {"integer": 0, "float": 0})
+        counts[kind] += 1
+    result |= {"ops": per_op, "by_quantizer": by_quantizer,
+               "accelerated": bool(matmuls) and all(k == "integer" for k in matmuls)}
+    return result
 
 
 def predict_logits(sess, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:

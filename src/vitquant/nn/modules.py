@@ -195,10 +195,14 @@ class QuantLinear(_WeightOp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exporting:  # one integer matmul per input part, then the bias
+            flat = x.dim() == 2  # [batch, in] (the head): as [batch, 1, in], else ONNX Runtime fuses
+            if flat:             # MatMul + Add into a float Gemm before its QDQ fusion can see it
+                x = x.unsqueeze(1)
             w = self.export_weight(x, transpose=True)
             y = _total(torch.matmul(_scaled(p, f), w) for p, f in self._parts("input", x))
             bias = self.output_bias()
-            return y if bias is None else y + bias
+            y = y if bias is None else y + bias
+            return y.squeeze(1) if flat else y
         return F.linear(self._q("input", x), self.quantized_weight(), self.output_bias())
 
     def output_group_dim(self, operand):

@@ -1,0 +1,131 @@
+"""Deployment check (issue 5): saved checkpoint, ONNX QDQ export and ONNX Runtime INT8.
+
+1. Accuracy (``--part accuracy``): DeiT-Tiny with the shared weights, ``--method`` at W8A8 on the
+   first ``--num-calib`` calibration images; save -> load (logits must equal the in-memory model's
+   bit for bit), export to ONNX, evaluate the simulated (PyTorch) and the ONNX Runtime INT8 model on
+   the evaluation split: top-1 of each, their difference and top-1 agreement, on-disk vs computed size.
+2. Speed (``--part speed``): ``--speed-model`` (random init, default deit_small_patch16_224)
+   quantized with ``--method`` W8A8 on ``--speed-calib`` sample images, then PyTorch FP32 vs
+   ONNX Runtime FP32 vs INT8 throughput side by side (median of ``--repeats``), batch sizes 1 and 32,
+   and which quantized ops ONNX Runtime ran as integer kernels.
+
+Writes ``deploy.json`` / ``.md`` into ``--out``.
+
+    python benchmarks/deploy.py
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+
+import torch
+
+from common import base_parser, load_data, log, peak_rss_gb, setup
+
+
+def accuracy(args, doc) -> None:
+    from vitquant import get_recipe, load, quantize, save
+    from vitquant.evaluate import model_size_mb, predict_top5, topk_accuracy
+    from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
+    from vitquant.models import load_model
+
+    model, info = load_model("deit_tiny_patch16_224", args.checkpoint)
+    calib, evalset = load_data(model, args.sample, args.num_calib, args.num_eval, progress=True)
+    cfg = get_recipe(args.method, 8, 8)
+    t = time.perf_counter()
+    model, _ = quantize(model, calib, cfg, progress=False)
+    calib_s = time.perf_counter() - t
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = save(model, f"{tmp}/q", model_name="deit_tiny_patch16_224", weights=info)
+        loaded = load(f"{tmp}/q")
+        x = evalset.tensors()[:16]
+        with torch.no_grad():
+            identical = torch.equal(model(x), loaded(x))
+        export = export_onnx(loaded, f"{tmp}/q.onnx")
+        kernels = integer_kernels(f"{tmp}/q.onnx", loaded)
+        sim = predict_top5(loaded, evalset, progress=True, desc="simulated (PyTorch)")
+        ort = predict_top5(OrtModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="ONNX Runtime INT8")
+    sim1, ort1 = topk_accuracy(sim.top5, evalset.labels)[0], topk_accuracy(ort.top5, evalset.labels)[0]
+    agree = 100.0 * (sim.top5[:, 0] == ort.top5[:, 0]).float().mean().item()
+    doc["accuracy"] = dict(
+        model="deit_tiny_patch16_224", weights=info, method=args.method, w_bits=8, a_bits=8, config=cfg.to_dict(),
+        num_calib=len(calib), calib_names=calib.names, num_eval=len(evalset), eval_data=evalset.describe(),
+        calibration_seconds=round(calib_s, 1), reload_logits_identical=identical,
+        simulated_top1=sim1, onnx_int8_top1=ort1, top1_difference=round(ort1 - sim1, 4), top1_agreement=agree,
+        computed_size_mb=model_size_mb(model), checkpoint_bytes=manifest["tensors_bytes"],
+        onnx_bytes=export["bytes"], onnx_int8_weights=export["int8_weights"], runtime=kernels,
+        simulated_seconds=round(sim.seconds, 1), onnx_seconds=round(ort.seconds, 1))
+    log(f"simulated {sim1:.2f}, ONNX Runtime INT8 {ort1:.2f} (diff {ort1 - sim1:+.2f}), agreement {agree:.2f} %, "
+        f"reload identical {identical}")
+
+
+def speed(args, doc) -> None:
+    from vitquant import get_recipe, quantize
+    from vitquant.export.bench import benchmark_runtimes
+    from vitquant.models import load_model
+
+    model, info = load_model(args.speed_model, pretrained=False)
+    calib, _ = load_data(model, args.sample, args.speed_calib, 1)
+    model, _ = quantize(model, calib, get_recipe(args.method, 8, 8), progress=False)
+    rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
+    doc["speed"] = dict(model=args.speed_model, weights=info, method=args.method, num_calib=len(calib), rows=rows)
+    for r in rows:
+        log(f"batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
+            f"ONNX INT8 {r['onnx_int8_ips']:.1f} img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
+
+
+def markdown(doc) -> str:
+    lines = []
+    a = doc.get("accuracy")
+    if a:
+        lines += [f"**Accuracy**: {a['model']} (shared weights), {a['method']} W8A8, {a['num_calib']} calibration "
+                  f"images, {a['num_eval']} evaluation images.", "",
+                  "| runtime | top-1 % | agreement with simulated | size |", "|---|---|---|---|",
+                  f"| PyTorch, simulated (fake quant) | {a['simulated_top1']:.2f} | - | "
+                  f"{a['computed_size_mb']:.2f} MB computed, {a['checkpoint_bytes'] / 1e6:.2f} MB checkpoint |",
+                  f"| ONNX Runtime INT8 (QDQ) | {a['onnx_int8_top1']:.2f} | {a['top1_agreement']:.2f} % | "
+                  f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |", "",
+                  f"Reloaded checkpoint gives bit-identical logits: {a['reload_logits_identical']}.", ""]
+    s = doc.get("speed")
+    if s:
+        lines += [f"**Speed**: {s['model']} (random init), {s['method']} W8A8, {s['rows'][0]['threads']} threads, "
+                  f"median of {s['rows'][0]['repeats']} runs; images/s.", "",
+                  "| batch | PyTorch FP32 | ONNX FP32 | ONNX INT8 | INT8 / ONNX FP32 | accelerated |",
+                  "|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | "
+                         f"{r['onnx_int8_ips']:.1f} | x{r['int8_speedup']:.2f} | {r['accelerated']} |")
+        lines += ["", "Quantized ops by kind (op type and input quantizers) and how ONNX Runtime ran them:", ""]
+        for kind, c in s["rows"][0]["by_quantizer"].items():
+            lines.append(f"- {kind}: {c['integer']} integer, {c['float']} float")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    p = base_parser(__doc__)
+    p.add_argument("--part", choices=["accuracy", "speed", "both"], default="both")
+    p.add_argument("--method", default="ptq4vit")
+    p.add_argument("--speed-model", default="deit_small_patch16_224")
+    p.add_argument("--speed-calib", type=int, default=8)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--name", default="deploy")
+    args = p.parse_args()
+    setup(args.threads)
+    from vitquant.io import atomic_write_json, atomic_write_text
+    from vitquant.report import environment
+    doc = dict(environment=environment())
+    if args.part in ("accuracy", "both"):
+        accuracy(args, doc)
+    if args.part in ("speed", "both"):
+        speed(args, doc)
+    doc["peak_rss_gb"] = peak_rss_gb()
+    atomic_write_json(f"{args.out}/{args.name}.json", doc)
+    atomic_write_text(f"{args.out}/{args.name}.md", markdown(doc))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
