@@ -46,6 +46,7 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     model.eval()
     model.vitquant_config = cfg  # recorded by vitquant.save
     if cfg.mixed_precision is not None:
+        mixed_precision_budget(model, cfg)  # an impossible budget fails now, not after calibrating
         states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
                                                device, progress, checkpoint)
         return model, apply_mixed_precision(model, images, cfg, states, reports, progress)
@@ -66,6 +67,26 @@ def run_fingerprint(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) ->
     return {"vitquant": __version__, "torch": torch.__version__, "model": type(model).__name__,
             "weights_sha256": h.hexdigest(), "config": cfg.to_dict(),
             "images": {"shape": list(images.shape), "sha256": tensor_sha256(images)}}
+
+
+def mixed_precision_budget(model: nn.Module, cfg: QuantConfig) -> tuple[float, float]:
+    """``(budget_mb, fixed_mb)``: the model-size budget of mixed precision (the model at the target
+    bit-width, or ``target_size_mb``) and the size of everything outside the MSA / MLP modules
+    (at ``w_bits``). Attaches fresh (uncalibrated) quantizers: sizes depend only on bit-widths.
+    Raises ValueError when even the lowest bit choice cannot meet the budget."""
+    mp = cfg.mixed_precision
+    target = mp.target_bits or cfg.w_bits
+    modules = quant_modules(model)
+    attach_quantizers(model, cfg.replace(w_bits=target, a_bits=target, mixed_precision=None))
+    target_mb = model_size_mb(model)
+    attach_quantizers(model, cfg.replace(mixed_precision=None))
+    fixed_mb = model_size_mb(model) - sum(m.num_weights * cfg.w_bits for m in modules) / 8e6
+    budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
+    lowest = fixed_mb + sum(m.num_weights * min(mp.bit_choices(target)) for m in modules) / 8e6
+    if lowest > budget_mb:
+        raise ValueError(f"the mixed-precision budget cannot be met: even the lowest bit-widths need "
+                         f"{lowest:.3f} MB, the budget is {budget_mb:.3f} MB")
+    return budget_mb, fixed_mb
 
 
 def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, bits, device=None,
@@ -109,12 +130,8 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
     modules = quant_modules(model)
     if not modules:
         raise ValueError("the model has no MSA / MLP modules to give mixed precision")
-    ops = quant_ops(model)
-    restore(ops, states[target])
-    target_mb = model_size_mb(model)
-    restore(ops, states[cfg.w_bits])
-    fixed_mb = model_size_mb(model) - sum(m.num_weights * cfg.w_bits for m in modules) / 8e6
-    budget_mb = mp.target_size_mb if mp.target_size_mb is not None else target_mb
+    budget_mb, fixed_mb = mixed_precision_budget(model, cfg)
+    restore(quant_ops(model), states[cfg.w_bits])
     mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
                             cfg.batch_size, mp.hutchinson_samples, progress, mp.omega)
     base = reports[cfg.w_bits]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 import sys
 import time
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")
     r.add_argument("--seed", type=int, default=0, help="random seed")
+    r.add_argument("--calib-seed", type=int, metavar="S",
+                   help="draw the --num-calib calibration images at random (seeded) from the calibration pool "
+                        "instead of taking the first ones")
     r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--threads", type=_positive_int, help="CPU threads (torch.set_num_threads)")
     r.add_argument("--no-fused-kernels", action="store_true",
@@ -179,6 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime")
     b.add_argument("--json", help="write one object per batch size as a JSON list")
+    sw = sub.add_parser("sweep", help="run a grid of models x methods x bit-widths x calibration sizes x seeds "
+                                      "(resumable; one process per cell)")
+    sw.add_argument("spec", help="sweep spec (YAML); examples in specs/")
+    sw.add_argument("--out", help="output directory (default: the spec's 'out', relative to the spec file)")
+    sw.add_argument("--devices", nargs="+", default=["cpu"],
+                    help="where cells run, one process per entry at a time: cpu, cuda:0, cuda:1, ... "
+                         "(repeat cpu to run CPU cells in parallel)")
+    sw.add_argument("--cell-timeout", type=_positive_float, help="seconds before a cell is stopped and failed")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    sw.add_argument("--report", action="store_true", help="render the report when the sweep is done")
+    sw.add_argument("--json", help="write the run's counts as JSON")
+    sw.add_argument("--quiet", action="store_true")
+    rp = sub.add_parser("report", help="Markdown / CSV tables and PNG plots of a sweep's results")
+    rp.add_argument("out", help="sweep output directory")
+    rp.add_argument("--json", help="write what was written (files, counts) as JSON")
+    rp.add_argument("--quiet", action="store_true", help="do not print the Markdown")
     return p
 
 
@@ -247,7 +267,7 @@ def run_quantize(args) -> dict:
     from .models import data_config_for, load_model
     from .quantizers.kernels import fused_kernels_enabled, set_fused_kernels
     from .report import environment, layernorm_outliers, print_summary
-    from .runtime import tune_runtime
+    from .runtime import init_distributed, tune_runtime
 
     cfg = _config_from_args(args)
     if args.plots and not args.json:
@@ -267,7 +287,10 @@ def run_quantize(args) -> dict:
         set_fused_kernels(False)
     torch.manual_seed(args.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    progress = not args.quiet
+    rank, world = init_distributed(args.device)
+    if world > 1 and args.device == "cuda":
+        args.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    progress = not args.quiet and rank == 0
 
     if args.checkpoint and args.random_init:
         raise VitquantError("--checkpoint and --random-init exclude each other")
@@ -289,7 +312,7 @@ def run_quantize(args) -> dict:
     if len(calib) < args.num_calib:
         raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable calibration images "
                             f"in {calib_dir}")
-    calib = calib.subset(args.num_calib)
+    calib = calib.subset(args.num_calib, seed=args.calib_seed)
     evalset = load_images(eval_dir, data_config, list_file=eval_list, labels_file=args.labels,
                           use_cache=use_cache, progress=progress, require_labels=True,
                           names=None if args.eval_data else sample.eval_names)
@@ -324,7 +347,7 @@ def run_quantize(args) -> dict:
         "calib_seconds": round(calib_seconds, 3), "gradient_seconds": round(report.gradient_seconds, 3),
         "eval_seconds": round(cmp.quant_seconds, 3), "fp32_eval_seconds": round(cmp.fp32_seconds, 3),
         "eval_warmup_seconds": round(cmp.quant_warmup_seconds, 3), "fused_kernels": fused_kernels_enabled(),
-        "config": cfg.to_dict(), "seed": args.seed, "device": args.device,
+        "config": cfg.to_dict(), "seed": args.seed, "calib_seed": args.calib_seed, "device": args.device,
         "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in data_config.items()},
         "calib_data": calib.describe() | {"list": calib_list, "names": calib.names},
@@ -342,6 +365,11 @@ def run_quantize(args) -> dict:
     result["setting"] = cfg.setting
     if cfg.quantize_layernorm:
         result["layernorm_outliers"] = layernorm_outliers(model)
+    if world > 1:  # every rank calibrated identically; evaluation was sharded; one rank writes
+        result["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend(),
+                                 "eval_images_per_rank": list(cmp.images_per_rank)}
+        if rank != 0:
+            return result
     if args.plots:
         result["plots"] = _write_plots(args.json, model, calib, cfg, report, args.plot_block)
     if args.save:
@@ -437,8 +465,10 @@ def run_eval(args) -> dict:
     from .io import atomic_write_json
     if args.json:
         _check_writable(args.json)
+    from .runtime import init_distributed
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, _ = init_distributed()
     if str(args.model).endswith(".onnx"):
         from .export.onnx import OrtModel
         if not os.path.isfile(args.model):
@@ -462,6 +492,8 @@ def run_eval(args) -> dict:
     result = {"model": str(args.model), "runtime": runtime, "num_eval": len(evalset), "top1": round(top1, 4),
               "top5": round(top5, 4), "eval_seconds": round(pred.seconds, 3), "eval_data": evalset.describe(),
               "top5_indices_sha256": hashlib.sha256(pred.top5.numpy().tobytes()).hexdigest()}
+    if rank != 0:
+        return result
     print(f"{args.model} ({runtime}): top-1 {top1:.2f} %, top-5 {top5:.2f} % on {len(evalset)} images "
           f"({pred.seconds:.1f} s)")
     if args.json:
@@ -491,6 +523,52 @@ def run_bench(args) -> list:
     if args.json:
         atomic_write_json(args.json, rows)
     return rows
+
+
+def run_sweep_command(args) -> dict:
+    from .io import atomic_write_json
+    from .sweep import cell_status, load_spec, run_sweep
+    if args.json:
+        _check_writable(args.json)
+    spec = load_spec(args.spec)
+    out = args.out or (str((Path(args.spec).parent / spec.out).resolve()) if spec.out else None)
+    if out is None:
+        raise VitquantError("no output directory: give --out or 'out:' in the spec")
+    bad = [d for d in args.devices if not (d == "cpu" or re.fullmatch(r"cuda(:\d+)?", d))]
+    if bad:
+        raise VitquantError(f"unknown device {bad[0]!r}: use cpu or cuda:N")
+    if args.dry_run:
+        for c in spec.cells:
+            print(f"{cell_status(Path(out), c):6s} {c.id}")
+        return {"cells": len(spec.cells)}
+    counts = run_sweep(spec, out, args.devices, timeout=args.cell_timeout, progress=not args.quiet)
+    print(f"sweep {spec.name}: {counts['cells']} cells, {counts['skipped_done']} already done, "
+          f"{counts['ok']} ran now, {counts['failed']} failed ({counts['retried']} were retries of failed cells); "
+          f"results in {out}/cells")
+    if args.json:
+        atomic_write_json(args.json, counts | {"out": out})
+    if args.report and counts["ok"] + counts["skipped_done"]:
+        run_report(argparse.Namespace(out=out, quiet=True, json=None))
+    if counts["failed"]:
+        raise VitquantError(f"{counts['failed']} cells failed (errors in {out}/cells/*.failed.json); "
+                            f"rerun the same command to retry them")
+    return counts
+
+
+def run_report(args) -> dict:
+    from .io import atomic_write_json
+    from .sweep_report import render_report
+    if args.json:
+        _check_writable(args.json)
+    r = render_report(args.out)
+    if args.json:
+        atomic_write_json(args.json, {k: v for k, v in r.items() if k != "text"})
+    if not args.quiet:
+        print(r["text"])
+    failed = f", {r['failed']} failed cells" if r["failed"] else ""
+    print(f"wrote {r['markdown']}, {r['csv']}, {', '.join(r['plots'])} ({r['groups']} result groups{failed})",
+          file=sys.stderr)
+    return r
 
 
 def _print_fusion(by_quantizer: dict) -> None:
@@ -528,6 +606,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_eval(args)
         elif args.command == "bench":
             run_bench(args)
+        elif args.command == "sweep":
+            run_sweep_command(args)
+        elif args.command == "report":
+            run_report(args)
         return 0
     except VitquantError as e:
         print(f"vitquant: error: {e}", file=sys.stderr)
@@ -535,6 +617,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("vitquant: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. head, which exited
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -187,9 +187,15 @@ class ImageSet:
         x = self.images[start:stop].float().div_(255)
         return x.sub_(self.mean).div_(self.std)
 
-    def subset(self, n: int) -> "ImageSet":
-        return ImageSet(self.images[:n], None if self.labels is None else self.labels[:n], self.names[:n],
-                        self.mean, self.std, self.root, self.skipped)
+    def subset(self, n: int, seed: Optional[int] = None) -> "ImageSet":
+        """The first ``n`` images, or with ``seed`` ``n`` images drawn at random (a seeded
+        permutation, so the same seed always picks the same images, in the same order)."""
+        if seed is None:
+            idx = list(range(min(n, len(self))))
+        else:
+            idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+        return ImageSet(self.images[idx], None if self.labels is None else self.labels[idx],
+                        [self.names[i] for i in idx], self.mean, self.std, self.root, self.skipped)
 
     def describe(self) -> dict:
         return {"root": self.root, "num_images": len(self), "num_skipped": len(self.skipped),

@@ -17,6 +17,7 @@ class Prediction(NamedTuple):
     top5: torch.Tensor  # [N, 5] class indices
     seconds: float  # wall time of the timed pass over all images
     warmup_seconds: float  # the untimed first forward (one-off costs: kernel compilation, allocator)
+    images_per_rank: tuple = ()  # under torchrun: how many images each rank evaluated
 
 
 @torch.no_grad()
@@ -25,6 +26,9 @@ def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, devic
     """Top-5 class indices of every image, timed after one untimed warm-up forward on two images
     (which compiles the fused quantization kernels, see ``quantizers.kernels``)."""
     from tqdm.auto import tqdm
+
+    from .runtime import distributed
+    rank, world = distributed()
     model.eval()
     out = []
     t0 = time.perf_counter()
@@ -32,12 +36,36 @@ def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, devic
         model(images.tensors(0, 2).to(device))
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
+    # under torchrun each rank takes every world-th batch: the same batches as one process, so the
+    # same arithmetic and the same predictions
+    starts = list(range(0, len(images), batch_size))[rank::world]
+    for i in tqdm(starts, desc=desc, unit="batch", disable=not progress or rank != 0):
         logits = model(images.tensors(i, i + batch_size).to(device))
         if not torch.isfinite(logits).all():
             raise FloatingPointError(f"non-finite logits while {desc}")
         out.append(logits.topk(5, dim=-1).indices.cpu())
-    return Prediction(torch.cat(out), time.perf_counter() - t0, warmup_s)
+    top5 = torch.cat(out) if out else torch.empty(0, 5, dtype=torch.long)
+    seconds = time.perf_counter() - t0
+    per_rank: tuple = (top5.shape[0],)
+    if world > 1:
+        top5, seconds, per_rank = _gather_batches(top5, starts, len(images), batch_size, seconds)
+    return Prediction(top5, seconds, warmup_s, per_rank)
+
+
+def _gather_batches(top5: torch.Tensor, starts: list[int], n: int, batch_size: int, seconds: float):
+    """All ranks' predictions back in image order (all_gather); the slowest rank's time; the
+    number of images each rank evaluated."""
+    import torch.distributed as dist
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (starts, top5, seconds))
+    full = torch.empty(n, 5, dtype=torch.long)
+    for rank_starts, rank_top5, _ in parts:
+        offset = 0
+        for i in rank_starts:
+            rows = min(batch_size, n - i)
+            full[i:i + rows] = rank_top5[offset:offset + rows]
+            offset += rows
+    return full, max(p[2] for p in parts), tuple(p[1].shape[0] for p in parts)
 
 
 def topk_accuracy(top5: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -57,6 +85,7 @@ class Comparison:
     fp32_seconds: float
     quant_seconds: float
     quant_warmup_seconds: float  # one-off, not in quant_seconds: mostly fused-kernel compilation
+    images_per_rank: tuple = ()  # under torchrun: the evaluation shard of each rank
 
 
 def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: str = "cpu",
@@ -69,12 +98,12 @@ def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: st
         with quantization_disabled(model):
             fp32 = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
     fp, fp_s = fp32.top5, fp32.seconds
-    q, q_s, q_warm = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
+    q, q_s, q_warm, per_rank = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
     labels = images.labels
     f1, f5 = topk_accuracy(fp, labels)
     q1, q5 = topk_accuracy(q, labels)
     agree = 100.0 * (fp[:, 0] == q[:, 0]).float().mean().item()
-    return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s, q_warm)
+    return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s, q_warm, per_rank)
 
 
 def model_size_mb(model: nn.Module) -> float:

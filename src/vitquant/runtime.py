@@ -35,3 +35,35 @@ def tune_runtime(mmap_threshold: int = 1 << 30) -> dict:
         ok = False
     _tuned = applied["mallopt"] = bool(ok)
     return applied
+
+
+# -- torch.distributed (torchrun) ------------------------------------------------------------------
+
+
+def init_distributed(device: str = "cpu") -> tuple[int, int]:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on
+    CUDA (each rank on its ``LOCAL_RANK`` device). Returns ``(rank, world_size)``; ``(0, 1)`` alone."""
+    import os
+
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = device.startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)`` of the current process group, ``(0, 1)`` without one."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    return distributed()[0] == 0

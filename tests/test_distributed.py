@@ -1,0 +1,38 @@
+"""torchrun data-parallel evaluation on CPU (gloo): the same top-1 as one process, exactly."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from test_cli import FAST, MODEL, SEARCH, checkpoint, data_args  # noqa: F401  (fixture)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_give_the_single_process_top1(sample_dir, checkpoint, tmp_path):  # noqa: F811
+    # more evaluation images than one batch per rank: 3 batches of 2 over 2 ranks (uneven shards)
+    args = ["quantize", MODEL, "--method", "base", "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST,
+            *SEARCH, "--threads", "1", "--batch-size", "3", "--num-calib", "4"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "vitquant.cli", *args, "--json", str(tmp_path / "one.json")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                            "-m", "vitquant.cli", *args, "--json", str(tmp_path / "two.json")],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
+    # each rank evaluated its shard of batches: [0:3] + [6:8] on rank 0, [3:6] on rank 1
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "eval_images_per_rank": [5, 3]}
+    assert "distributed" not in one
+    assert two["num_eval"] == one["num_eval"] == 8
+    for key in ("fp32_top1", "fp32_top5", "quant_top1", "quant_top5", "top1_agreement"):
+        assert two[key] == one[key], key
+    # one rank wrote the result, nothing else appeared
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".json") == ["one.json", "two.json"]
