@@ -5,7 +5,7 @@
    bit for bit), export to ONNX, evaluate the simulated (PyTorch) and the ONNX Runtime INT8 model on
    the evaluation split: top-1 of each, their difference and top-1 agreement, on-disk vs computed size.
 2. Speed (``--part speed``): ``--speed-model`` (random init, default deit_small_patch16_224)
-   quantized with ``--method`` W8A8 on ``--speed-calib`` sample images, then PyTorch FP32 vs
+   quantized with each of ``--speed-methods`` at W8A8 on ``--speed-calib`` sample images, then PyTorch FP32 vs
    ONNX Runtime FP32 vs INT8 throughput side by side (median of ``--repeats``), batch sizes 1 and 32,
    and which quantized ops ONNX Runtime ran as integer kernels.
 
@@ -64,14 +64,17 @@ def speed(args, doc) -> None:
     from vitquant.export.bench import benchmark_runtimes
     from vitquant.models import load_model
 
-    model, info = load_model(args.speed_model, pretrained=False)
-    calib, _ = load_data(model, args.sample, args.speed_calib, 1)
-    model, _ = quantize(model, calib, get_recipe(args.method, 8, 8), progress=False)
-    rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats, threads=args.threads)
-    doc["speed"] = dict(model=args.speed_model, weights=info, method=args.method, num_calib=len(calib), rows=rows)
-    for r in rows:
-        log(f"batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
-            f"ONNX INT8 {r['onnx_int8_ips']:.1f} img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
+    doc["speed"] = []
+    for method in args.speed_methods:
+        model, info = load_model(args.speed_model, pretrained=False)
+        calib, _ = load_data(model, args.sample, args.speed_calib, 1)
+        model, _ = quantize(model, calib, get_recipe(method, 8, 8), progress=False)
+        rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
+                                  threads=args.threads)
+        doc["speed"].append(dict(model=args.speed_model, weights=info, method=method, num_calib=len(calib), rows=rows))
+        for r in rows:
+            log(f"{method} batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
+                f"ONNX INT8 {r['onnx_int8_ips']:.1f} img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
 
 
 def markdown(doc) -> str:
@@ -86,8 +89,7 @@ def markdown(doc) -> str:
                   f"| ONNX Runtime INT8 (QDQ) | {a['onnx_int8_top1']:.2f} | {a['top1_agreement']:.2f} % | "
                   f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |", "",
                   f"Reloaded checkpoint gives bit-identical logits: {a['reload_logits_identical']}.", ""]
-    s = doc.get("speed")
-    if s:
+    for s in doc.get("speed") or []:
         lines += [f"**Speed**: {s['model']} (random init), {s['method']} W8A8, {s['rows'][0]['threads']} threads, "
                   f"median of {s['rows'][0]['repeats']} runs; images/s.", "",
                   "| batch | PyTorch FP32 | ONNX FP32 | ONNX INT8 | INT8 / ONNX FP32 | accelerated |",
@@ -105,7 +107,8 @@ def markdown(doc) -> str:
 def main():
     p = base_parser(__doc__)
     p.add_argument("--part", choices=["accuracy", "speed", "both"], default="both")
-    p.add_argument("--method", default="ptq4vit")
+    p.add_argument("--method", default="ptq4vit", help="the accuracy part's recipe")
+    p.add_argument("--speed-methods", nargs="+", default=["base", "ptq4vit"], help="recipes of the speed part")
     p.add_argument("--speed-model", default="deit_small_patch16_224")
     p.add_argument("--speed-calib", type=int, default=8)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])

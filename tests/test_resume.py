@@ -146,3 +146,13 @@ def test_cli_killed_by_sigkill_between_blocks_resumes_to_identical_results(sampl
     # the same command with another config refuses the directory with one line
     other = cli("--work-dir", str(tmp_path / "wb"), "--w-bits", "6")
     assert other.returncode == 2 and "different run" in other.stderr and "Traceback" not in other.stderr
+
+
+def test_memory_budget_moves_activations_to_disk_without_changing_the_result():
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    cfg = get_recipe("ptq4vit", 6, 6, **FAST)  # Hessian: gradients are collected too
+    ram, report = quantize(tiny_vit(), x, cfg, progress=False)
+    assert report.offloaded_bytes == 0
+    disk, report = quantize(tiny_vit(), x, cfg, progress=False, max_memory_gb=1e-3)  # 1 MB: nothing fits
+    assert report.offloaded_bytes > 1e5
+    assert_same_model(ram, disk, x)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .calibration.checkpoint import CalibrationCheckpoint, restore, snapshot, tensor_sha256
-from .calibration.engine import CalibrationReport, calibrate
+from .calibration.engine import CalibrationReport, MemoryBudget, calibrate
 from .data import ImageSet
 from .evaluate import model_size_mb
 from .mixed_precision import choose_bits
@@ -18,14 +18,16 @@ from .recipes import QuantConfig, attach_quantizers, calibrate_op, get_recipe
 
 
 def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config: Union[QuantConfig, str] = "ptq4vit",
-             *, progress: bool = True, work_dir: Optional[Union[str, os.PathLike]] = None
-             ) -> tuple[nn.Module, CalibrationReport]:
+             *, progress: bool = True, work_dir: Optional[Union[str, os.PathLike]] = None,
+             max_memory_gb: Optional[float] = None) -> tuple[nn.Module, CalibrationReport]:
     """Wrap a timm ViT / DeiT / Swin in place, attach the config's quantizers and calibrate them.
 
     ``calib_data``: normalised images ``[N, 3, H, W]`` or an :class:`ImageSet` (no labels needed).
     ``config``: a :class:`QuantConfig` or a recipe name (``"ptq4vit"``, ``"base"``, ...).
     ``work_dir``: save each calibrated block there; rerunning with the same model, config and
     images resumes from the last finished block (a different run refuses the directory).
+    ``max_memory_gb``: keep calibration within this much RAM; collected activations go to
+    disk-backed memory maps (in ``work_dir``, else the temp directory) when they would not fit.
     Returns the quantized model (quantization on; see ``quantization_disabled`` for FP) and the
     calibration report.
     """
@@ -41,6 +43,11 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     device = next(model.parameters()).device
     images = images.to(device)
     checkpoint = None if work_dir is None else CalibrationCheckpoint(work_dir, run_fingerprint(model, images, cfg))
+    memory = None
+    if max_memory_gb is not None:
+        if max_memory_gb <= 0:
+            raise ValueError(f"max memory must be positive, got {max_memory_gb}")
+        memory = MemoryBudget(max_memory_gb * 1e9, None if work_dir is None else str(work_dir))
     if not is_wrapped(model):
         wrap_model(model)
     model.eval()
@@ -48,12 +55,12 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     if cfg.mixed_precision is not None:
         mixed_precision_budget(model, cfg)  # an impossible budget fails now, not after calibrating
         states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
-                                               device, progress, checkpoint)
+                                               device, progress, checkpoint, memory)
         return model, apply_mixed_precision(model, images, cfg, states, reports, progress)
     attach_quantizers(model, cfg)
     model.to(device)
     report = calibrate(model, images, calibrate_op(cfg), need_grad=cfg.hessian, batch_size=cfg.batch_size,
-                       sequential=cfg.sequential, progress=progress, checkpoint=checkpoint)
+                       sequential=cfg.sequential, progress=progress, checkpoint=checkpoint, memory=memory)
     return model, report
 
 
@@ -90,8 +97,8 @@ def mixed_precision_budget(model: nn.Module, cfg: QuantConfig) -> tuple[float, f
 
 
 def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfig, bits, device=None,
-                         progress: bool = False, checkpoint: Optional[CalibrationCheckpoint] = None
-                         ) -> tuple[dict, dict]:
+                         progress: bool = False, checkpoint: Optional[CalibrationCheckpoint] = None,
+                         memory: Optional[MemoryBudget] = None) -> tuple[dict, dict]:
     """Calibrate the wrapped model once per bit-width (weights and inputs alike) with ``cfg``'s
     single-precision recipe (mixed precision, Liu et al. 2021, Sec. 3.3). Returns the quantizer
     state (:func:`snapshot`) and the calibration report per bit-width; with ``checkpoint``, each
@@ -110,7 +117,8 @@ def calibrate_bit_widths(model: nn.Module, images: torch.Tensor, cfg: QuantConfi
             print(f"calibrating at {b} bits", flush=True)
         reports[b] = calibrate(model, images, calibrate_op(single), need_grad=single.hessian,
                                batch_size=cfg.batch_size, progress=progress,
-                               checkpoint=None if checkpoint is None else checkpoint.child(f"{b}bits", bits=b))
+                               checkpoint=None if checkpoint is None else checkpoint.child(f"{b}bits", bits=b),
+                               memory=memory)
         states[b] = snapshot(ops)
     return states, reports
 

@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", help="write the result as one JSON object to this file")
     r.add_argument("--save", metavar="DIR", help="save the quantized model (integer weights, all quantizer "
                                                   "parameters, manifest) to this new directory; load with vitquant.load")
+    r.add_argument("--max-memory", type=_positive_float, metavar="GB",
+                   help="RAM budget of calibration: collected activations go to disk-backed memory maps when "
+                        "they would not fit, and candidate chunks shrink to an eighth of it")
     r.add_argument("--work-dir", metavar="DIR",
                    help="save calibration progress here after every block; rerunning the same command resumes "
                         "from the last finished block (a changed model, config or data refuses the directory)")
@@ -216,7 +219,9 @@ def _config_from_args(args):
     overrides = dict(**twin_v2sf, quantize_layernorm=args.quantize_layernorm,
                      layernorm_quantizer=args.layernorm_quantizer, rounds=args.search_rounds,
                      num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
-                     memory_budget_mb=args.search_memory_mb, percentile=args.percentile,
+                     memory_budget_mb=args.search_memory_mb or (
+                         min(256.0, args.max_memory * 1e9 / 8 / 2 ** 20) if getattr(args, "max_memory", None) else None),
+                     percentile=args.percentile,
                      objective=args.objective, screen_images=args.screen_images,
                      screen_top_k=args.screen_top_k)
     if args.hessian is not None:
@@ -328,7 +333,8 @@ def run_quantize(args) -> dict:
     model.to(args.device)
     t0 = time.perf_counter()
     try:
-        model, report = quantize(model, calib, cfg, progress=progress, work_dir=args.work_dir)
+        model, report = quantize(model, calib, cfg, progress=progress, work_dir=args.work_dir,
+                                 max_memory_gb=args.max_memory)
     except ValueError as e:
         raise VitquantError(str(e)) from None
     calib_seconds = time.perf_counter() - t0
@@ -356,6 +362,8 @@ def run_quantize(args) -> dict:
         "environment": environment(), "vitquant_version": __version__,
         "layers": report.ops,
     }
+    if args.max_memory:
+        result["memory"] = {"max_memory_gb": args.max_memory, "offloaded_gb": round(report.offloaded_bytes / 1e9, 3)}
     if args.work_dir:
         result["work_dir"] = {"dir": args.work_dir, "resumed_units": report.resumed_units}
         if report.resumed_units and not args.quiet:

@@ -10,6 +10,9 @@ back-propagating ``L = CE(FP logits, FP top-1 label)`` through the FP model (see
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -35,6 +38,7 @@ class CalibrationReport:
     ops: dict = field(default_factory=dict)
     mixed_precision: Optional[dict] = None  # set by mixed-precision quantization
     resumed_units: int = 0  # calibration units loaded from a work directory instead of calibrated
+    offloaded_bytes: int = 0  # collected activations kept on disk under a MemoryBudget
 
 
 def _batches(images: torch.Tensor, batch_size: int):
@@ -42,10 +46,54 @@ def _batches(images: torch.Tensor, batch_size: int):
         yield images[i:i + batch_size]
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class MemoryBudget:
+    """``--max-memory``: activations collected for calibration (calibration-unit data, gradients)
+    go to disk-backed memory maps in ``offload_dir`` when keeping them in RAM would take the
+    process over ``max_bytes``; the candidate search chunks its temporaries to a fraction of it."""
+
+    def __init__(self, max_bytes: float, offload_dir: Optional[str] = None):
+        self.max_bytes = float(max_bytes)
+        self.offload_dir = offload_dir
+        self.offloaded_bytes = 0
+        self.peak_resident = 0
+
+    @property
+    def search_budget_mb(self) -> float:
+        return self.max_bytes / 8 / 2 ** 20
+
+    def empty(self, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        now = resident_bytes()
+        self.peak_resident = max(self.peak_resident, now)
+        if torch.device(device).type != "cpu" or now + nbytes <= 0.75 * self.max_bytes:
+            return torch.empty(shape, dtype=dtype, device=device)
+        fd, path = tempfile.mkstemp(dir=self.offload_dir, prefix="vitquant-activations-", suffix=".bin")
+        os.close(fd)
+        try:  # the mapping outlives the name; the file is gone when the tensor is freed
+            t = torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
+        finally:
+            os.unlink(path)
+        self.offloaded_bytes += nbytes
+        return t
+
+
+_budget: Optional[MemoryBudget] = None
+
+
 class _Rows:
     """Collects per-batch tensors into one preallocated tensor (no concatenation copy, so peak
     memory is the result's size, not twice it). A batch of ``n`` images may hold ``k * n`` rows
-    (Swin folds its windows into the batch dimension)."""
+    (Swin folds its windows into the batch dimension). Under a :class:`MemoryBudget` the tensor may
+    be a disk-backed memory map."""
 
     def __init__(self, images: int, dtype: torch.dtype | None = None):
         self.images, self.dtype, self.data, self.filled = images, dtype, None, 0
@@ -53,7 +101,9 @@ class _Rows:
     def add(self, t: torch.Tensor, batch_images: int) -> None:
         if self.data is None:
             rows = self.images * (t.shape[0] // batch_images)
-            self.data = torch.empty((rows, *t.shape[1:]), dtype=self.dtype or t.dtype, device=t.device)
+            shape, dtype = (rows, *t.shape[1:]), self.dtype or t.dtype
+            self.data = (torch.empty(shape, dtype=dtype, device=t.device) if _budget is None
+                         else _budget.empty(shape, dtype, t.device))
         self.data[self.filled:self.filled + t.shape[0]].copy_(t)
         self.filled += t.shape[0]
 
@@ -138,17 +188,27 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
               *, need_grad: bool, batch_size: int = 4, sequential: bool = False,
-              progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None) -> CalibrationReport:
+              progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None,
+              memory: Optional[MemoryBudget] = None) -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
     (the recipe's per-op step: initialise quantizers, search, extras).
 
     ``checkpoint``: finished units are saved there and, on a rerun, loaded instead of calibrated
-    (resumable calibration, bit-identical to an uninterrupted run).
+    (resumable calibration, bit-identical to an uninterrupted run). ``memory``: keep collected
+    activations within a budget (disk-backed when needed).
     Runs with eager quantization kernels: the search sees many tensor shapes, each of which a
     fused kernel would have to compile for; the fused kernels are for inference."""
-    with fused_kernels(False):
-        return _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
-                          sequential=sequential, progress=progress, checkpoint=checkpoint)
+    global _budget
+    previous, _budget = _budget, memory
+    try:
+        with fused_kernels(False):
+            report = _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
+                                sequential=sequential, progress=progress, checkpoint=checkpoint)
+    finally:
+        _budget = previous
+    if memory is not None:
+        report.offloaded_bytes = memory.offloaded_bytes
+    return report
 
 
 def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, progress,
