@@ -35,7 +35,10 @@ def main():
 
     model, info = load_model(args.model, pretrained=False)
     calib, _ = load_data(model, args.sample, args.num_calib, 1)
-    all_units = len(calibration_units(__import__("vitquant").wrap_model(model)))
+    from vitquant.recipes import attach_quantizers
+    wrapped = __import__("vitquant").wrap_model(model)
+    attach_quantizers(wrapped, get_recipe(args.method, 8, 8))
+    all_units = len(calibration_units(wrapped))  # units with quantizers attached
     if args.units:  # the engine calibrates only the first K units (see the docstring)
         engine.calibration_units = lambda m: calibration_units(m)[:args.units]
     cfg = get_recipe(args.method, 8, 8)

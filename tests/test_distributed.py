@@ -5,7 +5,7 @@ import socket
 import subprocess
 import sys
 
-from test_cli import FAST, MODEL, SEARCH, checkpoint, data_args  # noqa: F401  (fixture)
+from test_cli import FAST, MODEL, SEARCH, checkpoint  # noqa: F401  (fixture)
 
 
 def free_port() -> int:
@@ -16,8 +16,11 @@ def free_port() -> int:
 
 def test_torchrun_two_processes_give_the_single_process_top1(sample_dir, checkpoint, tmp_path):  # noqa: F811
     # more evaluation images than one batch per rank: 3 batches of 2 over 2 ranks (uneven shards)
-    args = ["quantize", MODEL, "--method", "base", "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST,
-            *SEARCH, "--threads", "1", "--batch-size", "3", "--num-calib", "4"]
+    # 8 calibration images = 2 collection batches of 4: one per rank (data-parallel collection)
+    img = str(sample_dir / "images")
+    args = ["quantize", MODEL, "--method", "ptq4vit", "--checkpoint", str(checkpoint), "--calib-data", img,
+            "--eval-data", img, "--eval-list", str(sample_dir / "splits" / "eval.txt"), *FAST, *SEARCH,
+            "--threads", "1", "--batch-size", "3", "--num-calib", "8"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, "-m", "vitquant.cli", *args, "--json", str(tmp_path / "one.json")],
                             env=env, capture_output=True, text=True, timeout=600)
@@ -29,8 +32,12 @@ def test_torchrun_two_processes_give_the_single_process_top1(sample_dir, checkpo
     assert multi.returncode == 0, multi.stderr[-3000:]
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     # each rank evaluated its shard of batches: [0:3] + [6:8] on rank 0, [3:6] on rank 1
-    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "eval_images_per_rank": [5, 3]}
+    assert two["distributed"] == {"world_size": 2, "backend": "gloo", "eval_images_per_rank": [5, 3],
+                                  "calibration_collection_ranks": 2}
     assert "distributed" not in one
+    # every rank searched on the same gathered data: the same scales as one process, bit for bit
+    # (the per-layer distances the search reached are recorded in the JSON)
+    assert two["layers"] == {k: v | {"seconds": two["layers"][k]["seconds"]} for k, v in one["layers"].items()}
     assert two["num_eval"] == one["num_eval"] == 8
     for key in ("fp32_top1", "fp32_top5", "quant_top1", "quant_top5", "top1_agreement"):
         assert two[key] == one[key], key

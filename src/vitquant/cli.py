@@ -375,7 +375,8 @@ def run_quantize(args) -> dict:
         result["layernorm_outliers"] = layernorm_outliers(model)
     if world > 1:  # every rank calibrated identically; evaluation was sharded; one rank writes
         result["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend(),
-                                 "eval_images_per_rank": list(cmp.images_per_rank)}
+                                 "eval_images_per_rank": list(cmp.images_per_rank),
+                                 "calibration_collection_ranks": report.collection_ranks}
         if rank != 0:
             return result
     if args.plots:

@@ -39,11 +39,29 @@ class CalibrationReport:
     mixed_precision: Optional[dict] = None  # set by mixed-precision quantization
     resumed_units: int = 0  # calibration units loaded from a work directory instead of calibrated
     offloaded_bytes: int = 0  # collected activations kept on disk under a MemoryBudget
+    collection_ranks: int = 1  # processes that collected the calibration data (torchrun: data-parallel)
 
 
 def _batches(images: torch.Tensor, batch_size: int):
     for i in range(0, images.shape[0], batch_size):
         yield images[i:i + batch_size]
+
+
+def _shard() -> tuple[int, int]:
+    """``(rank, world_size)`` for data-parallel collection under torchrun, else ``(0, 1)``."""
+    from ..runtime import distributed
+    return distributed()
+
+
+def _my_batches(images: torch.Tensor, batch_size: int):
+    """``(first image index, batch)`` of this rank's batches: every world-size-th batch under
+    torchrun (when there are at least as many batches as ranks), all of them otherwise."""
+    rank, world = _shard()
+    starts = list(range(0, images.shape[0], batch_size))
+    if world > len(starts):
+        rank, world = 0, 1
+    for i in starts[rank::world]:
+        yield i, images[i:i + batch_size]
 
 
 def resident_bytes() -> int:
@@ -96,16 +114,27 @@ class _Rows:
     be a disk-backed memory map."""
 
     def __init__(self, images: int, dtype: torch.dtype | None = None):
-        self.images, self.dtype, self.data, self.filled = images, dtype, None, 0
+        self.images, self.dtype, self.data = images, dtype, None
 
-    def add(self, t: torch.Tensor, batch_images: int) -> None:
+    def add(self, t: torch.Tensor, batch_images: int, first_image: int) -> None:
+        per_image = t.shape[0] // batch_images
         if self.data is None:
-            rows = self.images * (t.shape[0] // batch_images)
-            shape, dtype = (rows, *t.shape[1:]), self.dtype or t.dtype
+            shape, dtype = (self.images * per_image, *t.shape[1:]), self.dtype or t.dtype
             self.data = (torch.empty(shape, dtype=dtype, device=t.device) if _budget is None
                          else _budget.empty(shape, dtype, t.device))
-        self.data[self.filled:self.filled + t.shape[0]].copy_(t)
-        self.filled += t.shape[0]
+            if _shard()[1] > 1:
+                self.data.zero_()
+        self.data[first_image * per_image:first_image * per_image + t.shape[0]].copy_(t)
+
+    def gathered(self) -> torch.Tensor:
+        """The rows of every rank (data-parallel collection: each rank filled its own batches'
+        rows, the others are zero, so a sum is exact)."""
+        if _shard()[1] > 1:
+            import torch.distributed as dist
+            full = self.data.float()
+            dist.all_reduce(full)
+            self.data.copy_(full)
+        return self.data
 
 
 @contextlib.contextmanager
@@ -124,30 +153,32 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
     """``dL/dO`` of every quantized op's output, ``L = CE(logits, argmax logits)`` summed over
     images, through the FP model (quantization off). Stored in ``dtype`` to save memory."""
     grads: dict[str, _Rows] = {}
-    batch_images = [0]
+    batch_images = [0, 0]  # images in the batch, index of its first image
 
     def hook(name):
         def fn(module, args, output):
             if output.requires_grad:
                 rows = grads.setdefault(name, _Rows(images.shape[0], dtype))
-                n = batch_images[0]
-                output.register_hook(lambda g: rows.add(g.detach(), n))
+                n, first = batch_images
+                output.register_hook(lambda g: rows.add(g.detach(), n, first))
         return fn
 
     with _forward_hooks(quant_ops(model, active=True), hook), quantization_disabled(model), torch.enable_grad():
-        for batch in _batches(images, batch_size):
-            batch_images[0] = batch.shape[0]
+        for first, batch in _my_batches(images, batch_size):
+            batch_images[:] = batch.shape[0], first
             logits = model(batch)
             loss = nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
             loss.backward()
     model.zero_grad(set_to_none=True)
-    return {k: v.data for k, v in grads.items()}
+    return {k: v.gathered() for k, v in grads.items()}
 
 
 def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[str, QuantOp]],
                       batch_size: int, quantized_inputs: bool) -> dict[str, OpData]:
     """Inputs and FP outputs of ``ops`` (one calibration unit) on the calibration images; each
-    forward pass stops after the unit's last op.
+    forward pass stops after the unit's last op. Under torchrun each rank runs its share of the
+    batches and the rows are summed across ranks (data-parallel collection; every rank then
+    searches on the same full data, so all ranks end with identical quantizers).
 
     With ``quantized_inputs`` ("sequential" mode) the inputs come from the model in which every
     earlier, already calibrated unit is quantized; the targets are still the FP model's outputs.
@@ -156,23 +187,23 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
     n_images = images.shape[0]
     inputs_of: dict[str, list[_Rows]] = {}
     output_of = {n: _Rows(n_images) for n in names}
-    batch_images = [0]
+    batch_images = [0, 0]  # images in the batch, index of its first image
 
     def forward(fp: bool, inputs: bool, output: bool) -> None:
         def hook_for(name):
             def fn(module, args, out):
                 if inputs:
                     for rows, a in zip(inputs_of.setdefault(name, [_Rows(n_images) for _ in args]), args):
-                        rows.add(a.detach(), batch_images[0])
+                        rows.add(a.detach(), *batch_images)
                 if output:
-                    output_of[name].add(out.detach(), batch_images[0])
+                    output_of[name].add(out.detach(), *batch_images)
                 if name == names[-1]:
                     raise _StopForward
             return fn
         with _forward_hooks(ops, hook_for), \
                 (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
-            for batch in _batches(images, batch_size):
-                batch_images[0] = batch.shape[0]
+            for first, batch in _my_batches(images, batch_size):
+                batch_images[:] = batch.shape[0], first
                 try:
                     model(batch)
                 except _StopForward:
@@ -183,7 +214,8 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
         forward(fp=False, inputs=True, output=False)
     else:
         forward(fp=True, inputs=True, output=True)
-    return {n: OpData(inputs=tuple(r.data for r in inputs_of[n]), output=output_of[n].data) for n in names}
+    return {n: OpData(inputs=tuple(r.gathered() for r in inputs_of[n]), output=output_of[n].gathered())
+            for n in names}
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
@@ -219,6 +251,8 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
     t0 = time.perf_counter()
     model.eval()
     units = calibration_units(model)
+    world = _shard()[1]
+    report.collection_ranks = world if len(range(0, images.shape[0], batch_size)) >= world else 1
     done = {}
     if checkpoint is not None:
         for i, (unit_name, ops) in enumerate(units):
