@@ -60,6 +60,9 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
     nonempty = tmp_path / "nonempty"
     nonempty.mkdir()
     (nonempty / "x").write_text("x")
+    (tmp_path / "typo.yaml").write_text(f"models: [{MODEL}]\nmethods: [base]\nbits: [W8A8]\nseeds: [0]\n"
+                                        "options: {num_candidate: 8}\n")
+    (tmp_path / "typo_key.yaml").write_text(f"modles: [{MODEL}]\nmethods: [base]\nbits: [W8A8]\n")
     base = ["quantize", MODEL, "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH]
     img = str(sample_dir / "images")
     return {
@@ -127,6 +130,14 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
         "missing ONNX file": (["eval", str(tmp_path / "nope.onnx"), "--eval-data", img, "--quiet"],
                               "ONNX file not found"),
         "bench of a directory that is no checkpoint": (["bench", str(tmp_path / "empty")], "not a vitquant checkpoint"),
+        # sweeps
+        "sweep spec with a misspelt option": (["sweep", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "sw")],
+                                              "unknown option 'num_candidate'"),
+        "sweep spec with a misspelt key": (["sweep", str(tmp_path / "typo_key.yaml"), "--out", str(tmp_path / "sw")],
+                                           "unknown key 'modles'"),
+        "missing sweep spec": (["sweep", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "sw")],
+                               "sweep spec not found"),
+        "report of a directory that is no sweep": (["report", str(tmp_path / "empty")], "not a sweep output directory"),
     }
 
 
@@ -146,7 +157,7 @@ def test_bad_input_gives_one_error_line_and_no_output(sample_dir, checkpoint, sa
         assert len(lines) == 1 and "error" in lines[0] and needle in lines[0], (name, err)
         assert "Traceback" not in err and not out_json.exists(), name
     # nothing half-written anywhere: no temporary files, no created output directories
-    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "nodir").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / "nodir").exists() and not (tmp_path / "sw").exists()
 
 
 def test_grayscale_and_cmyk_images_are_converted_and_used(checkpoint, tmp_path, capsys):  # noqa: F811

@@ -47,8 +47,10 @@ def test_spec_expands_to_the_grid_and_maps_options_to_flags(sample_dir, checkpoi
     methods = [{"method": "liu2021", "options": {"ranking": False, "mixed_precision": True, "bit_choices": "4,6,8"}},
                {"method": "ptq4vit", "options": {"hessian": False, "quantize_layernorm": True}}]
     liu, ptq = load_spec(write_spec(tmp_path, sample_dir, checkpoint, methods=methods, bits=[8], seeds=[0])).cells
-    assert liu.args[-4:] == ("--no-ranking", "--mixed-precision", "--bit-choices", "4,6,8")
-    assert ptq.args[-4:] == ("--hessian", "off", "--quantize-layernorm", "on")
+    tail = " ".join(liu.args[-4:])  # the spec file's option order
+    assert "--no-ranking" in tail and "--mixed-precision" in tail and "--bit-choices 4,6,8" in tail
+    tail = " ".join(ptq.args[-4:])
+    assert "--hessian off" in tail and "--quantize-layernorm on" in tail
 
 
 @pytest.mark.parametrize("over,needle", [
