@@ -157,15 +157,23 @@ def plot(groups: list[Group], out: Path) -> list[str]:
     models = list(dict.fromkeys(g.model for g in groups))
     markers = "osD^v<>pX*"
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = [statistics.fmean(g.size_mb) for g in groups]
+    spread = (max(sizes) - min(sizes)) or max(sizes)
+    step = 0.012 * spread  # methods side by side at each size, so that equal points stay apart
+    labels: dict[tuple, tuple] = {}  # one label per (model, bits): above its highest point
     for i, method in enumerate(methods):
         gs = sorted((g for g in groups if g.method == method), key=lambda g: statistics.fmean(g.size_mb))
-        xs = [statistics.fmean(g.size_mb) for g in gs]
+        xs = [statistics.fmean(g.size_mb) + (i - (len(methods) - 1) / 2) * step for g in gs]
         ys = [g.mean_std[0] for g in gs]
         es = [g.mean_std[1] for g in gs]
         ax.errorbar(xs, ys, yerr=es, marker=markers[i % len(markers)], capsize=3, label=method, linestyle="none")
-        for g, x, y in zip(gs, xs, ys):
-            ax.annotate(g.bits if len(models) == 1 else f"{g.model} {g.bits}", (x, y), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+        for g, y, e in zip(gs, ys, es):
+            key = (g.model, g.bits)
+            top = labels.get(key, (0.0, -1e9))[1]
+            labels[key] = (statistics.fmean(g.size_mb), max(top, y + e))
+    for (model, bits), (x, y) in labels.items():
+        ax.annotate(bits if len(models) == 1 else f"{model} {bits}", (x, y), textcoords="offset points",
+                    xytext=(0, 6), ha="center", fontsize=8)
     ax.set_xlabel("model size (MB; quantized weights at their bit-width, the rest FP32)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("Top-1 vs model size")
