@@ -43,7 +43,7 @@ def main():
         engine.calibration_units = lambda m: calibration_units(m)[:args.units]
     cfg = get_recipe(args.method, 8, 8)
     if args.max_memory:
-        cfg = cfg.replace(memory_budget_mb=min(256.0, args.max_memory * 1e9 / 8 / 2 ** 20))
+        cfg = cfg.replace(memory_budget_mb=engine.MemoryBudget.search_chunk_mb(args.max_memory))
     rss_before = peak_rss_gb()
     t = time.perf_counter()
     _, report = quantize(model, calib, cfg, progress=True, max_memory_gb=args.max_memory)

@@ -187,14 +187,21 @@ def test_hessian_trace_is_hutchinson_on_the_explicit_hessian():
         assert got[m.name] == pytest.approx(expect, rel=1e-4, abs=1e-7)
 
 
-def test_module_output_omega_measures_each_module_at_its_output():
+def mixed_precision_with_omega(omega: str):
+    """A tiny ViT quantized by liu2021 W6A6 with {4, 8}-bit mixed precision and this Omega form;
+    returns the images, the model and the mixed-precision report (checked against its budget)."""
     from vitquant.recipes import MixedPrecisionConfig
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    mp = MixedPrecisionConfig(choices=(4, 8), omega="module_output")
+    mp = MixedPrecisionConfig(choices=(4, 8), omega=omega)
     cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
     model, report = quantize(tiny_vit(), x, cfg, progress=False)
     r = report.mixed_precision
-    assert r["omega_form"] == "module_output" and r["size_mb"] <= r["budget_mb"] + 1e-9
+    assert r["omega_form"] == omega and r["size_mb"] <= r["budget_mb"] + 1e-9
+    return x, model, r
+
+
+def test_module_output_omega_measures_each_module_at_its_output():
+    _, _, r = mixed_precision_with_omega("module_output")
     for m in r["modules"]:  # more bits never perturb a module's output more
         assert m["omega"]["8"] <= m["omega"]["4"]
     # the nuclear norm is taken relative to the mean of its kind: MSA and MLP omegas at 4 bits are
@@ -206,13 +213,7 @@ def test_module_output_omega_measures_each_module_at_its_output():
 
 def test_output_kl_omega_is_the_kl_of_the_class_probabilities_with_one_module_quantized():
     from vitquant.nn.wrap import quant_modules, quantization_only
-    from vitquant.recipes import MixedPrecisionConfig
-    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    mp = MixedPrecisionConfig(choices=(4, 8), omega="output_kl")
-    cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
-    model, report = quantize(tiny_vit(), x, cfg, progress=False)
-    r = report.mixed_precision
-    assert r["omega_form"] == "output_kl" and r["size_mb"] <= r["budget_mb"] + 1e-9
+    x, model, r = mixed_precision_with_omega("output_kl")
     with torch.no_grad(), vitquant.quantization_disabled(model):
         p = model(x).double().log_softmax(-1)
     for module, row in zip(quant_modules(model), r["modules"]):

@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config_from_args(args):
+    from .calibration.engine import MemoryBudget
     from .calibration.objectives import RankingPearson
     from .recipes import MixedPrecisionConfig, get_recipe
     # V-2SF and twin uniform exclude each other: asking for one turns the other off unless both are given
@@ -220,7 +221,7 @@ def _config_from_args(args):
                      layernorm_quantizer=args.layernorm_quantizer, rounds=args.search_rounds,
                      num_candidates=args.num_candidates, alpha=args.alpha, beta=args.beta,
                      memory_budget_mb=args.search_memory_mb or (
-                         min(256.0, args.max_memory * 1e9 / 8 / 2 ** 20) if getattr(args, "max_memory", None) else None),
+                         MemoryBudget.search_chunk_mb(args.max_memory) if args.max_memory else None),
                      percentile=args.percentile,
                      objective=args.objective, screen_images=args.screen_images,
                      screen_top_k=args.screen_top_k)

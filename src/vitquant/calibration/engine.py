@@ -47,20 +47,18 @@ def _batches(images: torch.Tensor, batch_size: int):
         yield images[i:i + batch_size]
 
 
-def _shard() -> tuple[int, int]:
-    """``(rank, world_size)`` for data-parallel collection under torchrun, else ``(0, 1)``."""
+def collection_shard(n_images: int, batch_size: int) -> tuple[int, int]:
+    """``(rank, world_size)`` of data-parallel collection: the torchrun process group when there
+    are at least as many batches as ranks, else ``(0, 1)`` (every rank collects everything)."""
     from ..runtime import distributed
-    return distributed()
+    rank, world = distributed()
+    return (rank, world) if world <= math.ceil(n_images / batch_size) else (0, 1)
 
 
-def _my_batches(images: torch.Tensor, batch_size: int):
-    """``(first image index, batch)`` of this rank's batches: every world-size-th batch under
-    torchrun (when there are at least as many batches as ranks), all of them otherwise."""
-    rank, world = _shard()
-    starts = list(range(0, images.shape[0], batch_size))
-    if world > len(starts):
-        rank, world = 0, 1
-    for i in starts[rank::world]:
+def _my_batches(images: torch.Tensor, batch_size: int, shard: tuple[int, int]):
+    """``(first image index, batch)`` of this rank's batches: every world-size-th batch."""
+    rank, world = shard
+    for i in range(0, images.shape[0], batch_size)[rank::world]:
         yield i, images[i:i + batch_size]
 
 
@@ -82,17 +80,16 @@ class MemoryBudget:
         self.max_bytes = float(max_bytes)
         self.offload_dir = offload_dir
         self.offloaded_bytes = 0
-        self.peak_resident = 0
 
-    @property
-    def search_budget_mb(self) -> float:
-        return self.max_bytes / 8 / 2 ** 20
+    @staticmethod
+    def search_chunk_mb(max_memory_gb: float, default_mb: float = 256.0) -> float:
+        """The candidate search's chunk budget under ``--max-memory``: an eighth of it, at most
+        ``default_mb`` (the unbudgeted default)."""
+        return min(default_mb, max_memory_gb * 1e9 / 8 / 2 ** 20)
 
     def empty(self, shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        now = resident_bytes()
-        self.peak_resident = max(self.peak_resident, now)
-        if torch.device(device).type != "cpu" or now + nbytes <= 0.75 * self.max_bytes:
+        if torch.device(device).type != "cpu" or resident_bytes() + nbytes <= 0.75 * self.max_bytes:
             return torch.empty(shape, dtype=dtype, device=device)
         fd, path = tempfile.mkstemp(dir=self.offload_dir, prefix="vitquant-activations-", suffix=".bin")
         os.close(fd)
@@ -111,10 +108,10 @@ class _Rows:
     """Collects per-batch tensors into one preallocated tensor (no concatenation copy, so peak
     memory is the result's size, not twice it). A batch of ``n`` images may hold ``k * n`` rows
     (Swin folds its windows into the batch dimension). Under a :class:`MemoryBudget` the tensor may
-    be a disk-backed memory map."""
+    be a disk-backed memory map. ``world``: ranks collecting data-parallel (rows are summed)."""
 
-    def __init__(self, images: int, dtype: torch.dtype | None = None):
-        self.images, self.dtype, self.data = images, dtype, None
+    def __init__(self, images: int, world: int, dtype: torch.dtype | None = None):
+        self.images, self.world, self.dtype, self.data = images, world, dtype, None
 
     def add(self, t: torch.Tensor, batch_images: int, first_image: int) -> None:
         per_image = t.shape[0] // batch_images
@@ -122,14 +119,14 @@ class _Rows:
             shape, dtype = (self.images * per_image, *t.shape[1:]), self.dtype or t.dtype
             self.data = (torch.empty(shape, dtype=dtype, device=t.device) if _budget is None
                          else _budget.empty(shape, dtype, t.device))
-            if _shard()[1] > 1:
+            if self.world > 1:
                 self.data.zero_()
         self.data[first_image * per_image:first_image * per_image + t.shape[0]].copy_(t)
 
     def gathered(self) -> torch.Tensor:
         """The rows of every rank (data-parallel collection: each rank filled its own batches'
         rows, the others are zero, so a sum is exact)."""
-        if _shard()[1] > 1:
+        if self.world > 1:
             import torch.distributed as dist
             full = self.data.float()
             dist.all_reduce(full)
@@ -152,19 +149,20 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                       dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """``dL/dO`` of every quantized op's output, ``L = CE(logits, argmax logits)`` summed over
     images, through the FP model (quantization off). Stored in ``dtype`` to save memory."""
+    shard = collection_shard(images.shape[0], batch_size)
     grads: dict[str, _Rows] = {}
     batch_images = [0, 0]  # images in the batch, index of its first image
 
     def hook(name):
         def fn(module, args, output):
             if output.requires_grad:
-                rows = grads.setdefault(name, _Rows(images.shape[0], dtype))
+                rows = grads.setdefault(name, _Rows(images.shape[0], shard[1], dtype))
                 n, first = batch_images
                 output.register_hook(lambda g: rows.add(g.detach(), n, first))
         return fn
 
     with _forward_hooks(quant_ops(model, active=True), hook), quantization_disabled(model), torch.enable_grad():
-        for first, batch in _my_batches(images, batch_size):
+        for first, batch in _my_batches(images, batch_size, shard):
             batch_images[:] = batch.shape[0], first
             logits = model(batch)
             loss = nn.functional.cross_entropy(logits, logits.argmax(-1).detach(), reduction="sum")
@@ -186,14 +184,15 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
     names = [n for n, _ in ops]
     n_images = images.shape[0]
     inputs_of: dict[str, list[_Rows]] = {}
-    output_of = {n: _Rows(n_images) for n in names}
+    shard = collection_shard(n_images, batch_size)
+    output_of = {n: _Rows(n_images, shard[1]) for n in names}
     batch_images = [0, 0]  # images in the batch, index of its first image
 
     def forward(fp: bool, inputs: bool, output: bool) -> None:
         def hook_for(name):
             def fn(module, args, out):
                 if inputs:
-                    for rows, a in zip(inputs_of.setdefault(name, [_Rows(n_images) for _ in args]), args):
+                    for rows, a in zip(inputs_of.setdefault(name, [_Rows(n_images, shard[1]) for _ in args]), args):
                         rows.add(a.detach(), *batch_images)
                 if output:
                     output_of[name].add(out.detach(), *batch_images)
@@ -202,7 +201,7 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
             return fn
         with _forward_hooks(ops, hook_for), \
                 (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
-            for first, batch in _my_batches(images, batch_size):
+            for first, batch in _my_batches(images, batch_size, shard):
                 batch_images[:] = batch.shape[0], first
                 try:
                     model(batch)
@@ -251,8 +250,7 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
     t0 = time.perf_counter()
     model.eval()
     units = calibration_units(model)
-    world = _shard()[1]
-    report.collection_ranks = world if len(range(0, images.shape[0], batch_size)) >= world else 1
+    report.collection_ranks = collection_shard(images.shape[0], batch_size)[1]
     done = {}
     if checkpoint is not None:
         for i, (unit_name, ops) in enumerate(units):
