@@ -23,6 +23,46 @@ import torch
 from common import base_parser, load_data, log, peak_rss_gb, setup
 
 
+class _Float64(torch.nn.Module):
+    """The simulated model computing in float64 (inputs cast in, logits cast back): the same
+    quantizers and codes, different floating-point rounding. Its agreement with the float32
+    simulation is the noise floor any other runtime is measured against."""
+
+    def __init__(self, model):
+        super().__init__()
+        import copy
+        self.model = copy.deepcopy(model).double()
+
+    def forward(self, x):
+        return self.model(x.double()).float()
+
+
+def _agreement(a, b) -> float:
+    """Top-1 agreement (%) of two predictions on the same images."""
+    return 100.0 * (a.top5[:, 0] == b.top5[:, 0]).float().mean().item()
+
+
+def divergence(model, images: torch.Tensor, tmp: str, threads: int) -> list[dict]:
+    """Where ONNX Runtime and the simulation part: the model truncated after each block, exported,
+    and its logits compared on ``images``. An image whose largest logit difference exceeds 1e-4
+    had at least one activation code flip (float rounding moved a value across a rounding boundary)."""
+    from vitquant.export.onnx import OrtModel, export_onnx
+    blocks, rows = model.blocks, []
+    try:
+        for n in range(1, len(blocks) + 1):
+            model.blocks = blocks[:n]
+            export_onnx(model, f"{tmp}/t{n}.onnx")
+            with torch.no_grad():
+                diff = (OrtModel(f"{tmp}/t{n}.onnx", threads)(images) - model(images)).abs().amax(1)
+            rows.append(dict(blocks=n, images_with_flip=int((diff > 1e-4).sum()), num_images=len(images),
+                             median_max_logit_diff=float(diff.median()), max_logit_diff=float(diff.max())))
+            log(f"first {n} blocks: {rows[-1]['images_with_flip']} of {len(images)} images differ, "
+                f"median largest logit difference {rows[-1]['median_max_logit_diff']:.3g}")
+    finally:
+        model.blocks = blocks
+    return rows
+
+
 def accuracy(args, doc) -> None:
     from vitquant import get_recipe, load, quantize, save
     from vitquant.evaluate import model_size_mb, predict_top5, topk_accuracy
@@ -45,8 +85,11 @@ def accuracy(args, doc) -> None:
         kernels = integer_kernels(f"{tmp}/q.onnx", loaded)
         sim = predict_top5(loaded, evalset, progress=True, desc="simulated (PyTorch)")
         ort = predict_top5(OrtModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="ONNX Runtime INT8")
+        sim64 = predict_top5(_Float64(loaded), evalset, progress=True, desc="simulated in float64")
+        parting = divergence(loaded, evalset.tensors()[:args.divergence_images], tmp, args.threads) \
+            if args.divergence_images else []
     sim1, ort1 = topk_accuracy(sim.top5, evalset.labels)[0], topk_accuracy(ort.top5, evalset.labels)[0]
-    agree = 100.0 * (sim.top5[:, 0] == ort.top5[:, 0]).float().mean().item()
+    agree = _agreement(sim, ort)
     doc["accuracy"] = dict(
         model="deit_tiny_patch16_224", weights=info, method=args.method, w_bits=8, a_bits=8, config=cfg.to_dict(),
         num_calib=len(calib), calib_names=calib.names, num_eval=len(evalset), eval_data=evalset.describe(),
@@ -54,7 +97,10 @@ def accuracy(args, doc) -> None:
         simulated_top1=sim1, onnx_int8_top1=ort1, top1_difference=round(ort1 - sim1, 4), top1_agreement=agree,
         computed_size_mb=model_size_mb(model), checkpoint_bytes=manifest["tensors_bytes"],
         onnx_bytes=export["bytes"], onnx_int8_weights=export["int8_weights"], runtime=kernels,
-        simulated_seconds=round(sim.seconds, 1), onnx_seconds=round(ort.seconds, 1))
+        simulated_seconds=round(sim.seconds, 1), onnx_seconds=round(ort.seconds, 1),
+        simulated_float64_top1=topk_accuracy(sim64.top5, evalset.labels)[0],
+        agreement_simulated_float32_vs_float64=_agreement(sim, sim64), agreement_onnx_vs_simulated_float64=_agreement(ort, sim64),
+        divergence_per_block=parting)
     log(f"simulated {sim1:.2f}, ONNX Runtime INT8 {ort1:.2f} (diff {ort1 - sim1:+.2f}), agreement {agree:.2f} %, "
         f"reload identical {identical}")
 
@@ -89,6 +135,18 @@ def markdown(doc) -> str:
                   f"| ONNX Runtime INT8 (QDQ) | {a['onnx_int8_top1']:.2f} | {a['top1_agreement']:.2f} % | "
                   f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |", "",
                   f"Reloaded checkpoint gives bit-identical logits: {a['reload_logits_identical']}.", ""]
+        if "agreement_simulated_float32_vs_float64" in a:
+            lines += ["Noise floor: the same simulated model computed in float64 (same quantizers, other "
+                      f"floating-point rounding) has top-1 {a['simulated_float64_top1']:.2f}; its top-1 agreement "
+                      f"with the float32 simulation is {a['agreement_simulated_float32_vs_float64']:.2f} %, with "
+                      f"ONNX Runtime INT8 {a['agreement_onnx_vs_simulated_float64']:.2f} %.", ""]
+        if a.get("divergence_per_block"):
+            lines += ["Model truncated after N blocks, ONNX Runtime vs simulated: images with a code flip "
+                      "(largest logit difference > 1e-4), median and largest logit difference.", "",
+                      "| blocks | images with a flip | median | largest |", "|---|---|---|---|"]
+            lines += [f"| {r['blocks']} | {r['images_with_flip']} of {r['num_images']} | "
+                      f"{r['median_max_logit_diff']:.3g} | {r['max_logit_diff']:.3g} |" for r in a["divergence_per_block"]]
+            lines.append("")
     for s in doc.get("speed") or []:
         lines += [f"**Speed**: {s['model']} (random init), {s['method']} W8A8, {s['rows'][0]['threads']} threads, "
                   f"median of {s['rows'][0]['repeats']} runs; images/s.", "",
@@ -114,6 +172,8 @@ def main():
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--divergence-images", type=int, default=100,
+                   help="images for the per-block divergence check of the accuracy part (0 skips it)")
     p.add_argument("--name", default="deploy")
     args = p.parse_args()
     setup(args.threads)

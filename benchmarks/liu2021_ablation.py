@@ -42,13 +42,16 @@ def main():
     p.add_argument("--only", nargs="*", help="run only rows whose label is one of these (exact)")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose label is one of these (exact)")
     p.add_argument("--name", default="liu2021_ablation", help="output file stem in --out")
+    p.add_argument("--work-dir", help="keep each (configuration, calibration size, bit-width) calibration here; "
+                                      "a rerun with the same directory reuses them")
     args = p.parse_args()
     setup(args.threads)
     from vitquant import get_recipe, quantization_disabled
     from vitquant.api import apply_mixed_precision, calibrate_bit_widths
     from vitquant.evaluate import compare, model_size_mb, predict_top5, topk_accuracy
     from vitquant.io import atomic_write_json, atomic_write_text
-    from vitquant.calibration.checkpoint import restore
+    from vitquant.api import run_fingerprint
+    from vitquant.calibration.checkpoint import CalibrationCheckpoint, restore
     from vitquant.models import load_model
     from vitquant.nn import quant_ops, wrap_model
     from vitquant.recipes import MixedPrecisionConfig
@@ -65,6 +68,7 @@ def main():
         fp_top1 = topk_accuracy(fp32.top5, evalset.labels)[0]
         images = calib.tensors()
         states: dict = {}  # (configuration key) -> {bits: (state, report)}
+        fingerprint = run_fingerprint(model, images, get_recipe("liu2021", 8, 8))  # before any calibration
         for label, key, sensitivity in ROWS:
             if args.only and label not in args.only or label in args.skip:
                 continue
@@ -75,7 +79,12 @@ def main():
                 todo = [b for b in need if b not in have]
                 t0 = time.perf_counter()
                 if todo:
-                    s, r = calibrate_bit_widths(model, images, cfg, todo)
+                    ckpt = None
+                    if args.work_dir:
+                        fixed = get_recipe("liu2021", 8, 8).replace(**PARTS[key])  # the runs differ only in bits
+                        ckpt = CalibrationCheckpoint(f"{args.work_dir}/n{n_calib}/{key.replace(' ', '')}",
+                                                     fingerprint | {"config": fixed.to_dict()})
+                    s, r = calibrate_bit_widths(model, images, cfg, todo, checkpoint=ckpt)
                     have.update({b: (s[b], r[b]) for b in todo})
                 calib_new_s = time.perf_counter() - t0
                 ops = quant_ops(model)

@@ -181,10 +181,14 @@ def plot(groups: list[Group], out: Path) -> list[str]:
     ax.legend(fontsize=8)
     written.append(str(_save(fig, out / "accuracy_vs_size.png")))
 
-    series = [(m, b) for m in methods for b in sorted({g.bits for g in groups if g.method == m}, reverse=True)]
+    # one colour per method (as in the plot above), one hatch per bit setting
+    all_bits = sorted({g.bits for g in groups}, reverse=True)
+    hatches = ["", "///", "...", "xxx", "\\\\\\", "ooo"]
+    series = [(m, b) for m in methods for b in all_bits if any(g.method == m and g.bits == b for g in groups)]
     find = {(g.model, g.method, g.bits): g for g in groups}
     fig, ax = plt.subplots(figsize=(max(6, 1.2 + 0.5 * len(series) * len(models)), 4.5))
     width = 0.8 / max(1, len(series))
+    annotate = len(series) * len(models) <= 32
     for j, (m, b) in enumerate(series):
         xs, ds, es = [], [], []
         for i, model in enumerate(models):
@@ -193,7 +197,11 @@ def plot(groups: list[Group], out: Path) -> list[str]:
                 xs.append(i + (j - (len(series) - 1) / 2) * width)
                 ds.append(g.drop[0])
                 es.append(g.drop[1])
-        ax.bar(xs, ds, width, yerr=es, capsize=2, label=f"{m} {b}")
+        k = all_bits.index(b)
+        bars = ax.bar(xs, ds, width, yerr=es, capsize=2, label=f"{m} {b}", color=f"C{methods.index(m) % 10}",
+                      hatch=hatches[k % len(hatches)], edgecolor="white" if k else None, linewidth=0)
+        if annotate:
+            ax.bar_label(bars, labels=[f"{d:.1f}" for d in ds], fontsize=6, padding=2)
     ax.set_xticks(range(len(models)), models, fontsize=8)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("top-1 drop vs FP32 (points)")
