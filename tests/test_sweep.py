@@ -114,3 +114,41 @@ def test_sweep_killed_half_way_resumes_retries_failures_and_reports(sample_dir, 
 def test_report_of_a_directory_that_is_no_sweep(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a sweep output directory" in capsys.readouterr().err
+
+
+def test_cells_are_dispatched_one_process_per_gpu(sample_dir, checkpoint, tmp_path, monkeypatch):  # noqa: F811
+    """``--devices cuda`` expands to every visible GPU; each cell process sees one GPU
+    (CUDA_VISIBLE_DEVICES) and runs with --device cuda; a device never runs two cells at once."""
+    import threading
+
+    import torch
+
+    from vitquant import sweep
+    spec = load_spec(write_spec(tmp_path, sample_dir, checkpoint))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    devices = sweep.resolve_devices(["cuda"])
+    assert devices == ["cuda:0", "cuda:1", "cuda:2"]
+    running, seen, lock = set(), [], threading.Lock()
+
+    def fake_run(cmd, env, **kw):
+        gpu = env["CUDA_VISIBLE_DEVICES"]
+        with lock:
+            assert gpu not in running, "two cells on one GPU at once"
+            running.add(gpu)
+            seen.append((gpu, cmd[cmd.index("--device") + 1]))
+        time.sleep(0.05)
+        with open(cmd[cmd.index("--json") + 1], "w") as f:
+            json.dump({"quant_top1": 1.0}, f)
+        with lock:
+            running.discard(gpu)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    counts = sweep.run_sweep(spec, tmp_path / "out", devices, progress=False)
+    assert counts["ok"] == len(spec.cells) == len(seen)
+    assert {g for g, _ in seen} == {"0", "1", "2"} and {d for _, d in seen} == {"cuda"}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(VitquantError, match="no CUDA device"):
+        sweep.resolve_devices(["cuda"])
+    with pytest.raises(VitquantError, match="unknown device 'gpu0'"):
+        sweep.resolve_devices(["gpu0"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from pathlib import Path
 import sys
 import time
@@ -191,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("spec", help="sweep spec (YAML); examples in specs/")
     sw.add_argument("--out", help="output directory (default: the spec's 'out', relative to the spec file)")
     sw.add_argument("--devices", nargs="+", default=["cpu"],
-                    help="where cells run, one process per entry at a time: cpu, cuda:0, cuda:1, ... "
-                         "(repeat cpu to run CPU cells in parallel)")
+                    help="where cells run, one process per entry at a time: cpu, cuda:0, cuda:1, ..., or "
+                         "cuda for every visible GPU (repeat cpu to run CPU cells in parallel)")
     sw.add_argument("--cell-timeout", type=_positive_float, help="seconds before a cell is stopped and failed")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     sw.add_argument("--report", action="store_true", help="render the report when the sweep is done")
@@ -537,21 +536,19 @@ def run_bench(args) -> list:
 
 def run_sweep_command(args) -> dict:
     from .io import atomic_write_json
-    from .sweep import cell_status, load_spec, run_sweep
+    from .sweep import cell_status, load_spec, resolve_devices, run_sweep
     if args.json:
         _check_writable(args.json)
     spec = load_spec(args.spec)
     out = args.out or (str((Path(args.spec).parent / spec.out).resolve()) if spec.out else None)
     if out is None:
         raise VitquantError("no output directory: give --out or 'out:' in the spec")
-    bad = [d for d in args.devices if not (d == "cpu" or re.fullmatch(r"cuda(:\d+)?", d))]
-    if bad:
-        raise VitquantError(f"unknown device {bad[0]!r}: use cpu or cuda:N")
+    devices = resolve_devices(args.devices)
     if args.dry_run:
         for c in spec.cells:
             print(f"{cell_status(Path(out), c):6s} {c.id}")
         return {"cells": len(spec.cells)}
-    counts = run_sweep(spec, out, args.devices, timeout=args.cell_timeout, progress=not args.quiet)
+    counts = run_sweep(spec, out, devices, timeout=args.cell_timeout, progress=not args.quiet)
     print(f"sweep {spec.name}: {counts['cells']} cells, {counts['skipped_done']} already done, "
           f"{counts['ok']} ran now, {counts['failed']} failed ({counts['retried']} were retries of failed cells); "
           f"results in {out}/cells")

@@ -217,6 +217,23 @@ def cell_status(out: Path, cell: Cell) -> str:
     return "failed" if (out / "cells" / f"{cell.id}.failed.json").is_file() else "todo"
 
 
+def resolve_devices(devices: list[str]) -> list[str]:
+    """``--devices`` entries as worker devices: ``cpu``, ``cuda:N``, or ``cuda`` = every visible GPU."""
+    out = []
+    for d in devices:
+        if d == "cuda":
+            import torch
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise VitquantError("--devices cuda: no CUDA device is visible")
+            out += [f"cuda:{i}" for i in range(n)]
+        elif d == "cpu" or re.fullmatch(r"cuda:\d+", d):
+            out.append(d)
+        else:
+            raise VitquantError(f"unknown device {d!r}: use cpu, cuda (every GPU) or cuda:N")
+    return out
+
+
 def _run_cell(out: Path, cell: Cell, device: str, timeout: Optional[float]) -> tuple[bool, str]:
     cells = out / "cells"
     result = cells / f"{cell.id}.json"
@@ -224,7 +241,7 @@ def _run_cell(out: Path, cell: Cell, device: str, timeout: Optional[float]) -> t
     env = dict(os.environ)
     dev_args = []
     if device.startswith("cuda"):
-        index = device.partition(":")[2] or "0"
+        index = device.partition(":")[2]
         env["CUDA_VISIBLE_DEVICES"] = index
         dev_args = ["--device", "cuda"]
     cmd = [sys.executable, "-m", "vitquant.cli", *cell.args, *dev_args, "--json", str(result)]
