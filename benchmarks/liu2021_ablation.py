@@ -32,6 +32,10 @@ ROWS = [  # (label, configuration key, mixed-precision sensitivity or None); mos
     ("similarity + mixed precision", "similarity", "nuclear"),
     ("all (+ mixed precision, module-output Omega)", "similarity + ranking + bias correction", "nuclear/module_output"),
     ("all (+ mixed precision, output-KL Omega)", "similarity + ranking + bias correction", "nuclear/output_kl"),
+    # the same without measuring the bias correction again in the mixed model (MixedPrecisionConfig.remeasure_bias)
+    ("all (+ mixed precision), bias not re-measured", "similarity + ranking + bias correction", "nuclear/paper/keep"),
+    ("all (+ mixed precision, output-KL Omega), bias not re-measured", "similarity + ranking + bias correction",
+     "nuclear/output_kl/keep"),
 ]
 
 
@@ -93,8 +97,9 @@ def main():
                     restore(ops, have[bits][0])
                     calib_s = have[bits][1].seconds
                 else:
-                    sens, _, omega = sensitivity.partition("/")
-                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(sensitivity=sens, omega=omega or "paper"))
+                    sens, omega, keep = (sensitivity.split("/") + ["", ""])[:3]
+                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(
+                        sensitivity=sens, omega=omega or "paper", remeasure_bias=keep != "keep"))
                     t1 = time.perf_counter()
                     rep = apply_mixed_precision(model, images, mcfg, {b: have[b][0] for b in need},
                                                 {b: have[b][1] for b in need})

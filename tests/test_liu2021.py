@@ -223,3 +223,26 @@ def test_output_kl_omega_is_the_kl_of_the_class_probabilities_with_one_module_qu
             q = model(x).double().log_softmax(-1)
         kl = float((p.exp() * (p - q)).sum(-1).mean())
         assert row["omega"][str(row["bits"])] == pytest.approx(kl, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("remeasure", [True, False])
+def test_bias_correction_is_measured_again_in_the_mixed_model(remeasure):
+    """After the allocation each corrected layer's mean output error on the inputs it gets in the
+    mixed model is ~0 when re-measured (Eqs. 13-15 in the final configuration), and is not
+    when the per-bit-width corrections are kept as calibrated."""
+    from vitquant.calibration.bias_correction import output_errors
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mp = MixedPrecisionConfig(choices=(4, 8), remeasure_bias=remeasure)
+    cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
+    model, report = quantize(tiny_vit(), x, cfg, progress=False)
+    r = report.mixed_precision
+    assert sorted({m["bits"] for m in r["modules"]}) == [4, 8]  # really mixed
+    corrected = [(n, op) for n, op in quant_ops(model) if getattr(op, "bias_correction", None) is not None]
+    errors = output_errors(model, x, corrected)
+    worst = max(float(e.abs().max()) for e in errors.values())
+    if remeasure:
+        assert r["bias_remeasured"]["ops"] == len(corrected) > 0
+        assert r["bias_remeasured"]["error_after"] < 1e-3 * r["bias_remeasured"]["error_before"]
+        assert worst < 1e-5
+    else:
+        assert r["bias_remeasured"] is None and worst > 1e-3

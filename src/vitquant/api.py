@@ -8,6 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .calibration.bias_correction import remeasure_bias_correction
 from .calibration.checkpoint import CalibrationCheckpoint, restore, snapshot, tensor_sha256
 from .calibration.engine import CalibrationReport, MemoryBudget, calibrate
 from .data import ImageSet
@@ -142,10 +143,15 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
     restore(quant_ops(model), states[cfg.w_bits])
     mp_report = choose_bits(model, images, modules, states, choices, (budget_mb - fixed_mb) * 8e6, mp.sensitivity,
                             cfg.batch_size, mp.hutchinson_samples, progress, mp.omega)
+    bias = None
+    if cfg.bias_correction and mp.remeasure_bias:
+        with torch.no_grad():
+            bias = remeasure_bias_correction(model, images, quant_ops(model))
     base = reports[cfg.w_bits]
     report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
                                gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops,
                                resumed_units=sum(r.resumed_units for r in reports.values()))
     report.mixed_precision = mp_report.to_dict() | {"budget_mb": budget_mb, "size_mb": model_size_mb(model),
+                                                    "bias_remeasured": bias,
                                                     "calibration_seconds": {str(b): r.seconds for b, r in reports.items()}}
     return report

@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mixed-precision Omega: attention map / MLP feature as Eq. 17 (paper), every module's "
                          "output into the residual stream with the nuclear norm relative to its kind "
                          "(module_output), or the KL divergence of the class probabilities (output_kl)")
+    lq.add_argument("--remeasure-bias", type=_on_off, metavar="on|off",
+                    help="after the mixed-precision allocation, measure the bias correction again in the mixed "
+                         "model (default on; needs bias correction)")
     lq.add_argument("--plots", action="store_true",
                     help="write PNG plots next to the --json file: nuclear norms and bit allocation; with "
                          "two-scaled quantizers also activation histograms with both scales' ranges")
@@ -248,13 +251,13 @@ def _config_from_args(args):
         if args.layernorm_quantizer and not cfg.quantize_layernorm:
             raise VitquantError("--layernorm-quantizer needs the fully quantized setting; add --quantize-layernorm")
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
-                  sensitivity=args.sensitivity, omega=args.omega)
+                  sensitivity=args.sensitivity, omega=args.omega, remeasure_bias=args.remeasure_bias)
         mp = {k: v for k, v in mp.items() if v is not None}
         if args.mixed_precision:
             cfg = cfg.replace(mixed_precision=MixedPrecisionConfig(**mp))
         elif mp:
             flags = {"choices": "--bit-choices", "target_bits": "--target-bits", "target_size_mb": "--target-size-mb",
-                     "sensitivity": "--sensitivity", "omega": "--omega"}
+                     "sensitivity": "--sensitivity", "omega": "--omega", "remeasure_bias": "--remeasure-bias"}
             raise VitquantError(f"{', '.join(flags[k] for k in mp)} need --mixed-precision")
         return cfg
     except ValueError as e:

@@ -61,6 +61,9 @@ class MixedPrecisionConfig:
     # stream, proj / fc2, with the nuclear norm relative to its kind's mean: comparable units) or
     # "output_kl" (KL divergence of the class probabilities with only that module quantized)
     omega: Literal["paper", "module_output", "output_kl"] = "paper"
+    # after the allocation, measure the bias correction (Eqs. 13-15) again in the mixed model (each
+    # layer's inputs now come from neighbours at other bit-widths); only with bias_correction on
+    remeasure_bias: bool = True
 
     def __post_init__(self):
         if self.sensitivity not in ("nuclear", "hessian"):

@@ -40,3 +40,50 @@ def correct_bias(op: _WeightOp, data: OpData) -> dict:
     op.add_bias_correction(before)
     after = mean_output_error(op, data)
     return {"error_before": float(before.abs().mean()), "error_after": float(after.abs().mean())}
+
+
+@torch.no_grad()
+def output_errors(model: torch.nn.Module, images: torch.Tensor, ops: list[tuple[str, _WeightOp]],
+                  fold: bool = False) -> dict[str, torch.Tensor]:
+    """Mean output error per output channel of each op in ``ops`` on the inputs it receives in the
+    model as configured now (one forward of ``images``). With ``fold`` each error is folded into
+    the op's bias before the op runs, in execution order, so later ops see corrected inputs."""
+    errors: dict[str, torch.Tensor] = {}
+
+    def measure(name):
+        def hook(op, args):
+            y = op.forward(*args)  # .forward: no hooks re-entered
+            op.quant_enabled = False
+            try:
+                ref = op.forward(*args)
+            finally:
+                op.quant_enabled = True
+            ch = op.output_group_dim("weight") % y.dim()
+            err = (y - ref).double().movedim(ch, -1).reshape(-1, y.shape[ch]).mean(0)
+            errors[name] = err
+            if fold:
+                op.add_bias_correction(err)
+        return hook
+
+    handles = [op.register_forward_pre_hook(measure(n)) for n, op in ops]
+    try:
+        model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return errors
+
+
+def remeasure_bias_correction(model: torch.nn.Module, images: torch.Tensor, ops) -> dict:
+    """Eqs. (13)-(15) measured again in the model as it is configured now: every op that has a
+    bias correction gets its mean output error on the inputs it actually receives folded into
+    its bias (one forward of ``images``, in execution order). Used after a mixed-precision
+    allocation: each bit-width's calibration measured the corrections with every other module
+    at that same bit-width. Returns the mean |error| per channel before and after."""
+    corrected = [(n, op) for n, op in ops if isinstance(op, _WeightOp) and op.bias_correction is not None]
+    if not corrected:
+        return {"ops": 0}
+    before = output_errors(model, images, corrected, fold=True)
+    after = output_errors(model, images, corrected)
+    mean = lambda errs: float(torch.stack([e.abs().mean() for e in errs.values()]).mean())  # noqa: E731
+    return {"ops": len(corrected), "error_before": mean(before), "error_after": mean(after)}
