@@ -192,7 +192,8 @@ def mixed_precision_with_omega(omega: str):
     returns the images, the model and the mixed-precision report (checked against its budget)."""
     from vitquant.recipes import MixedPrecisionConfig
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    mp = MixedPrecisionConfig(choices=(4, 8), omega=omega)
+    # the biases stay as each bit-width's calibration left them, i.e. as Omega measured them
+    mp = MixedPrecisionConfig(choices=(4, 8), omega=omega, remeasure_bias=False)
     cfg = get_recipe("liu2021", 6, 6, rounds=1, num_candidates=8).replace(mixed_precision=mp)
     model, report = quantize(tiny_vit(), x, cfg, progress=False)
     r = report.mixed_precision
