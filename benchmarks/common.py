@@ -33,13 +33,18 @@ def setup(threads: int) -> None:
     tune_runtime()
 
 
-def load_data(model, sample: str, num_calib: int, num_eval: int | None, progress: bool = False):
+def load_data(model, sample: str, num_calib: int, num_eval: int | None, progress: bool = False,
+              calib_seed: int | None = None):
+    """Calibration images (the first ``num_calib`` of splits/calib.txt, or with ``calib_seed`` a
+    seeded random draw of them) and evaluation images (the first ``num_eval`` of splits/eval.txt)."""
     from vitquant.data import load_images
     from vitquant.models import data_config_for
     sample = Path(sample)
     dc = data_config_for(model)
-    calib = load_images(sample / "images", dc, list_file=sample / "splits" / "calib.txt", limit=num_calib,
-                        progress=progress)
+    calib = load_images(sample / "images", dc, list_file=sample / "splits" / "calib.txt",
+                        limit=num_calib if calib_seed is None else None, progress=progress)
+    if calib_seed is not None:
+        calib = calib.subset(num_calib, calib_seed)
     evalset = load_images(sample / "images", dc, list_file=sample / "splits" / "eval.txt", limit=num_eval,
                           require_labels=True, progress=progress)
     return calib, evalset

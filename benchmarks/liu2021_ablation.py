@@ -46,6 +46,8 @@ def main():
     p.add_argument("--only", nargs="*", help="run only rows whose label is one of these (exact)")
     p.add_argument("--skip", nargs="*", default=[], help="skip rows whose label is one of these (exact)")
     p.add_argument("--name", default="liu2021_ablation", help="output file stem in --out")
+    p.add_argument("--calib-seed", type=int, help="draw the calibration images at random with this seed "
+                                                   "(default: the first N of splits/calib.txt)")
     p.add_argument("--work-dir", help="keep each (configuration, calibration size, bit-width) calibration here; "
                                       "a rerun with the same directory reuses them")
     args = p.parse_args()
@@ -65,7 +67,7 @@ def main():
     results = []
     for n_calib in args.calib_sizes:
         model, info = load_model("deit_tiny_patch16_224", args.checkpoint)
-        calib, evalset = load_data(model, args.sample, n_calib, args.num_eval, progress=True)
+        calib, evalset = load_data(model, args.sample, n_calib, args.num_eval, progress=True, calib_seed=args.calib_seed)
         wrap_model(model)
         with quantization_disabled(model):
             fp32 = predict_top5(model, evalset, progress=False)
@@ -86,7 +88,8 @@ def main():
                     ckpt = None
                     if args.work_dir:
                         fixed = get_recipe("liu2021", 8, 8).replace(**PARTS[key])  # the runs differ only in bits
-                        ckpt = CalibrationCheckpoint(f"{args.work_dir}/n{n_calib}/{key.replace(' ', '')}",
+                        seed = "" if args.calib_seed is None else f"_seed{args.calib_seed}"
+                        ckpt = CalibrationCheckpoint(f"{args.work_dir}/n{n_calib}{seed}/{key.replace(' ', '')}",
                                                      fingerprint | {"config": fixed.to_dict()})
                     s, r = calibrate_bit_widths(model, images, cfg, todo, checkpoint=ckpt)
                     have.update({b: (s[b], r[b]) for b in todo})
@@ -107,7 +110,8 @@ def main():
                     mp["allocation_seconds"] = round(time.perf_counter() - t1, 2)
                     calib_s = sum(have[b][1].seconds for b in need) + mp["allocation_seconds"]
                 c = compare(model, evalset, fp32=fp32, progress=False)
-                r = dict(row=label, num_calib=n_calib, w_bits=bits, a_bits=bits, fp32_top1=c.fp32_top1,
+                r = dict(row=label, num_calib=n_calib, calib_seed=args.calib_seed, calib_names=calib.names,
+                         w_bits=bits, a_bits=bits, fp32_top1=c.fp32_top1,
                          quant_top1=c.quant_top1, top1_drop=c.top1_drop, top1_agreement=c.top1_agreement,
                          quant_top5=c.quant_top5, model_size_mb=model_size_mb(model), calib_seconds=calib_s,
                          new_calibration_seconds=calib_new_s, config=cfg.to_dict(), mixed_precision=mp)
