@@ -21,21 +21,23 @@ PARTS = {  # configuration key -> overrides of the liu2021 recipe
     "similarity + bias correction": dict(ranking=None),
     "similarity + ranking + bias correction": dict(),
 }
-ROWS = [  # (label, configuration key, mixed-precision sensitivity or None); most important first
+ROWS = [  # (label, configuration key, MixedPrecisionConfig arguments or None); most important first
     ("similarity + ranking + bias correction", "similarity + ranking + bias correction", None),
-    ("all (+ mixed precision)", "similarity + ranking + bias correction", "nuclear"),
+    ("all (+ mixed precision)", "similarity + ranking + bias correction", dict()),
     ("similarity", "similarity", None),
     ("similarity + ranking", "similarity + ranking", None),
     ("similarity + bias correction", "similarity + bias correction", None),
-    ("all, Hessian-trace mixed precision", "similarity + ranking + bias correction", "hessian"),
+    ("all, Hessian-trace mixed precision", "similarity + ranking + bias correction", dict(sensitivity="hessian")),
     # mixed precision on the partial configurations needs 5 more calibrations each; run with --only
-    ("similarity + mixed precision", "similarity", "nuclear"),
-    ("all (+ mixed precision, module-output Omega)", "similarity + ranking + bias correction", "nuclear/module_output"),
-    ("all (+ mixed precision, output-KL Omega)", "similarity + ranking + bias correction", "nuclear/output_kl"),
-    # the same without measuring the bias correction again in the mixed model (MixedPrecisionConfig.remeasure_bias)
-    ("all (+ mixed precision), bias not re-measured", "similarity + ranking + bias correction", "nuclear/paper/keep"),
+    ("similarity + mixed precision", "similarity", dict()),
+    ("all (+ mixed precision, module-output Omega)", "similarity + ranking + bias correction",
+     dict(omega="module_output")),
+    ("all (+ mixed precision, output-KL Omega)", "similarity + ranking + bias correction", dict(omega="output_kl")),
+    # the same without measuring the bias correction again in the mixed model
+    ("all (+ mixed precision), bias not re-measured", "similarity + ranking + bias correction",
+     dict(remeasure_bias=False)),
     ("all (+ mixed precision, output-KL Omega), bias not re-measured", "similarity + ranking + bias correction",
-     "nuclear/output_kl/keep"),
+     dict(omega="output_kl", remeasure_bias=False)),
 ]
 
 
@@ -75,12 +77,12 @@ def main():
         images = calib.tensors()
         states: dict = {}  # (configuration key) -> {bits: (state, report)}
         fingerprint = run_fingerprint(model, images, get_recipe("liu2021", 8, 8))  # before any calibration
-        for label, key, sensitivity in ROWS:
+        for label, key, mixed in ROWS:
             if args.only and label not in args.only or label in args.skip:
                 continue
             for bits in args.bits:
                 cfg = get_recipe("liu2021", bits, bits).replace(**PARTS[key])
-                need = [bits] if sensitivity is None else MixedPrecisionConfig().calibration_bits(bits)
+                need = [bits] if mixed is None else MixedPrecisionConfig(**mixed).calibration_bits(bits)
                 have = states.setdefault(key, {})
                 todo = [b for b in need if b not in have]
                 t0 = time.perf_counter()
@@ -96,13 +98,11 @@ def main():
                 calib_new_s = time.perf_counter() - t0
                 ops = quant_ops(model)
                 mp = None
-                if sensitivity is None:
+                if mixed is None:
                     restore(ops, have[bits][0])
                     calib_s = have[bits][1].seconds
                 else:
-                    sens, omega, keep = (sensitivity.split("/") + ["", ""])[:3]
-                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(
-                        sensitivity=sens, omega=omega or "paper", remeasure_bias=keep != "keep"))
+                    mcfg = cfg.replace(mixed_precision=MixedPrecisionConfig(**mixed))
                     t1 = time.perf_counter()
                     rep = apply_mixed_precision(model, images, mcfg, {b: have[b][0] for b in need},
                                                 {b: have[b][1] for b in need})

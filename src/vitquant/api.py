@@ -145,8 +145,7 @@ def apply_mixed_precision(model: nn.Module, images: torch.Tensor, cfg: QuantConf
                             cfg.batch_size, mp.hutchinson_samples, progress, mp.omega)
     bias = None
     if cfg.bias_correction and mp.remeasure_bias:
-        with torch.no_grad():
-            bias = remeasure_bias_correction(model, images, quant_ops(model))
+        bias = remeasure_bias_correction(model, images, quant_ops(model))
     base = reports[cfg.w_bits]
     report = CalibrationReport(seconds=sum(r.seconds for r in reports.values()),
                                gradient_seconds=sum(r.gradient_seconds for r in reports.values()), ops=base.ops,

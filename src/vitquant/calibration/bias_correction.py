@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 
 from ..nn.modules import _WeightOp
+from ..nn.wrap import quantization_disabled
 from .search import OpData
+
+
+def _per_channel(t: torch.Tensor, ch: int) -> torch.Tensor:
+    """``t`` as float64 ``[rows, channels]`` (channel dimension ``ch`` moved last)."""
+    return t.double().movedim(ch, -1).reshape(-1, t.shape[ch])
 
 
 @torch.no_grad()
@@ -25,8 +31,7 @@ def mean_output_error(op: _WeightOp, data: OpData, chunk: int = 8) -> torch.Tens
     n = data.output.shape[0]
     for s0 in range(0, n, chunk):
         y = op(*(t[s0:s0 + chunk] for t in data.inputs))
-        err = (y - data.output[s0:s0 + chunk]).double().movedim(ch, -1)
-        err = err.reshape(-1, err.shape[-1])
+        err = _per_channel(y - data.output[s0:s0 + chunk], ch)
         total = err.sum(0) if total is None else total + err.sum(0)
         count += err.shape[0]
     return total / count
@@ -53,13 +58,9 @@ def output_errors(model: torch.nn.Module, images: torch.Tensor, ops: list[tuple[
     def measure(name):
         def hook(op, args):
             y = op.forward(*args)  # .forward: no hooks re-entered
-            op.quant_enabled = False
-            try:
+            with quantization_disabled(op):
                 ref = op.forward(*args)
-            finally:
-                op.quant_enabled = True
-            ch = op.output_group_dim("weight") % y.dim()
-            err = (y - ref).double().movedim(ch, -1).reshape(-1, y.shape[ch]).mean(0)
+            err = _per_channel(y - ref, op.output_group_dim("weight")).mean(0)
             errors[name] = err
             if fold:
                 op.add_bias_correction(err)
