@@ -153,6 +153,23 @@ def test_save_then_load_reproduces_the_evaluated_model(sample_dir, checkpoint, t
     assert code == 2 and "exists and is not empty" in err
 
 
+def test_no_eval_calibrates_and_saves_without_reading_evaluation_data(sample_dir, checkpoint, tmp_path, capsys):
+    import vitquant
+    out, saved = tmp_path / "r.json", tmp_path / "saved"
+    img = str(sample_dir / "images")
+    code, text, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint),
+                           "--calib-data", img, "--calib-list", str(sample_dir / "splits" / "calib.txt"),
+                           "--no-eval", *FAST, "--save", str(saved), "--json", str(out)], capsys)
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["num_eval"] == 0 and r["eval_data"] is None and "quant_top1" not in r
+    assert "not evaluated" in text and "top-1" not in text
+    assert vitquant.load(saved) is not None
+    code, _, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint),
+                        *data_args(sample_dir), "--no-eval", *FAST], capsys)
+    assert code == 2 and "--no-eval excludes --eval-data" in err
+
+
 def test_unreadable_image_is_reported_not_fatal(sample_dir, checkpoint, tmp_path, capsys):
     (sample_dir / "images" / f"{WNIDS[0]}_9.JPEG").write_bytes(b"\xff\xd8broken")
     code, _, err = run(["quantize", MODEL, "--method", "minmax", "--checkpoint", str(checkpoint),

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-list", help="file naming the evaluation images")
     d.add_argument("--labels", help="labels file for a flat evaluation folder: '<file> <index or wnid>' lines")
     d.add_argument("--num-eval", type=_positive_int, help="evaluate on the first N evaluation images only")
+    d.add_argument("--no-eval", action="store_true",
+                   help="calibrate only (e.g. with --save): no evaluation data is read, no accuracy reported")
     d.add_argument("--no-cache", action="store_true", help="do not cache decoded images")
     a = q.add_argument_group("method switches (ablations; default: the recipe's own)")
     a.add_argument("--hessian", type=_on_off, metavar="on|off",
@@ -307,12 +309,14 @@ def run_quantize(args) -> dict:
     data_config = data_config_for(model)
 
     calib_dir, calib_list, eval_dir, eval_list = args.calib_data, args.calib_list, args.eval_data, args.eval_list
+    if args.no_eval and (eval_dir or eval_list or args.labels or args.num_eval):
+        raise VitquantError("--no-eval excludes --eval-data, --eval-list, --labels and --num-eval")
     sample = None
-    if calib_dir is None or eval_dir is None:
+    if calib_dir is None or (eval_dir is None and not args.no_eval):
         sample = default_sample(seed=args.seed)
     if calib_dir is None:
         calib_dir = sample.image_dir
-    if eval_dir is None:
+    if eval_dir is None and not args.no_eval:
         eval_dir = sample.image_dir
     use_cache = not args.no_cache
     calib = load_images(calib_dir, data_config, list_file=calib_list, use_cache=use_cache, progress=progress,
@@ -321,14 +325,18 @@ def run_quantize(args) -> dict:
         raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable calibration images "
                             f"in {calib_dir}")
     calib = calib.subset(args.num_calib, seed=args.calib_seed)
-    evalset = load_images(eval_dir, data_config, list_file=eval_list, labels_file=args.labels,
-                          use_cache=use_cache, progress=progress, require_labels=True,
-                          names=None if args.eval_data else sample.eval_names)
-    if args.num_eval:
-        if args.num_eval > len(evalset):
-            raise VitquantError(f"--num-eval {args.num_eval} but only {len(evalset)} evaluation images")
-        evalset = evalset.subset(args.num_eval)
+    evalset = None
+    if not args.no_eval:
+        evalset = load_images(eval_dir, data_config, list_file=eval_list, labels_file=args.labels,
+                              use_cache=use_cache, progress=progress, require_labels=True,
+                              names=None if args.eval_data else sample.eval_names)
+        if args.num_eval:
+            if args.num_eval > len(evalset):
+                raise VitquantError(f"--num-eval {args.num_eval} but only {len(evalset)} evaluation images")
+            evalset = evalset.subset(args.num_eval)
     for s, what in ((calib, "calibration"), (evalset, "evaluation")):
+        if s is None:
+            continue
         if s.skipped:
             print(f"vitquant: warning: skipped {len(s.skipped)} unreadable {what} images "
                   f"(e.g. {s.skipped[0][0]}: {s.skipped[0][1]})", file=sys.stderr)
@@ -341,26 +349,32 @@ def run_quantize(args) -> dict:
     except ValueError as e:
         raise VitquantError(str(e)) from None
     calib_seconds = time.perf_counter() - t0
-    try:
-        cmp = compare(model, evalset, args.batch_size, args.device, progress)
-    except FloatingPointError as e:
-        raise VitquantError(str(e)) from None
+    cmp = None
+    if evalset is not None:
+        try:
+            cmp = compare(model, evalset, args.batch_size, args.device, progress)
+        except FloatingPointError as e:
+            raise VitquantError(str(e)) from None
     result = {
         "model": args.model, "method": cfg.method, "w_bits": cfg.w_bits, "a_bits": cfg.a_bits,
-        "num_calib": len(calib), "num_eval": len(evalset),
-        "fp32_top1": round(cmp.fp32_top1, 4), "fp32_top5": round(cmp.fp32_top5, 4),
-        "quant_top1": round(cmp.quant_top1, 4), "quant_top5": round(cmp.quant_top5, 4),
-        "top1_drop": round(cmp.top1_drop, 4), "top1_agreement": round(cmp.top1_agreement, 4),
+        "num_calib": len(calib), "num_eval": len(evalset) if evalset is not None else 0}
+    if cmp is not None:
+        result |= {
+            "fp32_top1": round(cmp.fp32_top1, 4), "fp32_top5": round(cmp.fp32_top5, 4),
+            "quant_top1": round(cmp.quant_top1, 4), "quant_top5": round(cmp.quant_top5, 4),
+            "top1_drop": round(cmp.top1_drop, 4), "top1_agreement": round(cmp.top1_agreement, 4),
+            "eval_seconds": round(cmp.quant_seconds, 3), "fp32_eval_seconds": round(cmp.fp32_seconds, 3),
+            "eval_warmup_seconds": round(cmp.quant_warmup_seconds, 3)}
+    result |= {
         "model_size_mb": round(model_size_mb(model), 4),
         "fp32_model_size_mb": round(sum(p.numel() for p in model.parameters()) * 4 / 1e6, 4),
         "calib_seconds": round(calib_seconds, 3), "gradient_seconds": round(report.gradient_seconds, 3),
-        "eval_seconds": round(cmp.quant_seconds, 3), "fp32_eval_seconds": round(cmp.fp32_seconds, 3),
-        "eval_warmup_seconds": round(cmp.quant_warmup_seconds, 3), "fused_kernels": fused_kernels_enabled(),
+        "fused_kernels": fused_kernels_enabled(),
         "config": cfg.to_dict(), "seed": args.seed, "calib_seed": args.calib_seed, "device": args.device,
         "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in data_config.items()},
         "calib_data": calib.describe() | {"list": calib_list, "names": calib.names},
-        "eval_data": evalset.describe() | {"list": eval_list},
+        "eval_data": evalset.describe() | {"list": eval_list} if evalset is not None else None,
         "default_data_source": sample.source if sample else None,
         "environment": environment(), "vitquant_version": __version__,
         "layers": report.ops,
@@ -378,7 +392,7 @@ def run_quantize(args) -> dict:
         result["layernorm_outliers"] = layernorm_outliers(model)
     if world > 1:  # every rank calibrated identically; evaluation was sharded; one rank writes
         result["distributed"] = {"world_size": world, "backend": torch.distributed.get_backend(),
-                                 "eval_images_per_rank": list(cmp.images_per_rank),
+                                 "eval_images_per_rank": list(cmp.images_per_rank) if cmp else [],
                                  "calibration_collection_ranks": report.collection_ranks}
         if rank != 0:
             return result

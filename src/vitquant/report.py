@@ -36,14 +36,18 @@ def layernorm_outliers(model) -> dict:
 
 
 def print_summary(r: dict) -> None:
+    evaluated = "quant_top1" in r
     rows = [("model", r["model"]), ("method", f"{r['method']} W{r['w_bits']}A{r['a_bits']}"),
-            ("images", f"{r['num_calib']} calibration / {r['num_eval']} evaluation"),
-            ("top-1 FP32 / quant", f"{r['fp32_top1']:.2f} / {r['quant_top1']:.2f} %  (drop {r['top1_drop']:.2f})"),
-            ("top-5 FP32 / quant", f"{r['fp32_top5']:.2f} / {r['quant_top5']:.2f} %"),
-            ("top-1 agreement", f"{r['top1_agreement']:.2f} %"),
-            ("model size", f"{r['model_size_mb']:.2f} MB (FP32 {r['fp32_model_size_mb']:.2f} MB)"),
-            ("calibration", f"{r['calib_seconds']:.1f} s"),
-            ("evaluation FP32 / quant", f"{r['fp32_eval_seconds']:.1f} / {r['eval_seconds']:.1f} s")]
+            ("images", f"{r['num_calib']} calibration / " + (f"{r['num_eval']} evaluation" if evaluated
+                                                              else "not evaluated (--no-eval)"))]
+    if evaluated:
+        rows += [("top-1 FP32 / quant", f"{r['fp32_top1']:.2f} / {r['quant_top1']:.2f} %  (drop {r['top1_drop']:.2f})"),
+                 ("top-5 FP32 / quant", f"{r['fp32_top5']:.2f} / {r['quant_top5']:.2f} %"),
+                 ("top-1 agreement", f"{r['top1_agreement']:.2f} %")]
+    rows += [("model size", f"{r['model_size_mb']:.2f} MB (FP32 {r['fp32_model_size_mb']:.2f} MB)"),
+             ("calibration", f"{r['calib_seconds']:.1f} s")]
+    if evaluated:
+        rows.append(("evaluation FP32 / quant", f"{r['fp32_eval_seconds']:.1f} / {r['eval_seconds']:.1f} s"))
     if r.get("setting") == "full":
         lo = r.get("layernorm_outliers", {})
         o2 = [v for v in lo.values() if v["quantizer"] == "o2sf"]
@@ -52,8 +56,9 @@ def print_summary(r: dict) -> None:
         rows.insert(2, ("setting", f"full (LayerNorm inputs quantized: {what} LayerNorms)"))
     mp = r.get("mixed_precision")
     if mp:
-        rows.insert(6, ("mixed precision", f"{mp['size_mb']:.2f} MB (budget {mp['budget_mb']:.2f} MB), bits "
-                        + " ".join(f"{m['bits']}" for m in mp["modules"]) + f"  [{mp['sensitivity']}]"))
+        at = [k for k, _ in rows].index("model size")
+        rows.insert(at, ("mixed precision", f"{mp['size_mb']:.2f} MB (budget {mp['budget_mb']:.2f} MB), bits "
+                         + " ".join(f"{m['bits']}" for m in mp["modules"]) + f"  [{mp['sensitivity']}]"))
     if r.get("saved"):
         sv = r["saved"]
         rows.append(("saved", f"{sv['dir']} ({sv['mb_on_disk']:.2f} MB on disk; computed model size "
