@@ -281,6 +281,8 @@ def run_quantize(args) -> dict:
     from .runtime import init_distributed, tune_runtime
 
     cfg = _config_from_args(args)
+    if args.no_eval and (args.eval_data or args.eval_list or args.labels or args.num_eval):
+        raise VitquantError("--no-eval excludes --eval-data, --eval-list, --labels and --num-eval")
     if args.plots and not args.json:
         raise VitquantError("--plots writes the PNG files next to the --json file; give --json")
     if args.json:
@@ -310,8 +312,6 @@ def run_quantize(args) -> dict:
     data_config = data_config_for(model)
 
     calib_dir, calib_list, eval_dir, eval_list = args.calib_data, args.calib_list, args.eval_data, args.eval_list
-    if args.no_eval and (eval_dir or eval_list or args.labels or args.num_eval):
-        raise VitquantError("--no-eval excludes --eval-data, --eval-list, --labels and --num-eval")
     sample = None
     if calib_dir is None or (eval_dir is None and not args.no_eval):
         sample = default_sample(seed=args.seed)
