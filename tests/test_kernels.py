@@ -116,3 +116,49 @@ def test_training_and_autograd_stay_eager(monkeypatch):
     with kernels.fused_kernels(True):
         q(x).sum().backward()
     assert calls == []
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch):
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_verified", {})
+    monkeypatch.setitem(kernels._state, "failed", None)
+
+
+def test_one_kernel_at_several_bit_widths_stays_exact(fresh_kernels):
+    """torch 2.14.1 regression: a kernel compiled first for 6-bit codes was reused (FX graph cache)
+    for 8-bit ones, clamping their codes at 31. Bit-widths reach the kernels as tensors now."""
+    attn = (torch.randn(2, 3, 17, 17, generator=torch.Generator().manual_seed(3)) * 4).softmax(-1)
+    for bits in (6, 8, 4, 8):
+        q = TwinSoftmaxQuantizer(bits)
+        q.set_scale(torch.tensor([2.0 ** -11]))
+        eager, fused = _both(q, attn)
+        assert torch.equal(eager, fused), f"{bits} bits: {(eager != fused).sum()} values differ"
+    status = kernels.kernel_status()
+    assert status["fallback"] is None and status["enabled"] and status["verified_variants"] >= 1
+
+
+def test_fused_kernel_that_differs_from_eager_falls_back_with_one_warning(fresh_kernels, monkeypatch):
+    # A "compiled" kernel that moves every input one ulp up: on ordinary inputs it agrees with the
+    # eager kernel, on exact rounding ties it does not. The probe must find that.
+    real = torch.compile
+
+    def sloppy_compile(fn, **kw):
+        inner = real(fn, **kw)
+        return lambda x, *rest: inner(torch.nextafter(x, torch.full_like(x, float("inf"))), *rest)
+    monkeypatch.setattr(torch, "compile", sloppy_compile)
+    q = UniformQuantizer(8)
+    q.set_scale(torch.tensor([0.0371]))
+    x = torch.randn(4, 33, 48, generator=torch.Generator().manual_seed(0))
+    sloppy = sloppy_compile(kernels.uniform_symmetric)(x, torch.tensor([0.0371]), torch.tensor(-128.), torch.tensor(127.))
+    assert torch.equal(sloppy, q.fake_quant(x))  # the real input alone would not show the bug
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad(), kernels.fused_kernels(True):
+            y1, y2 = q(x), q(x * 2)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "uniform_symmetric" in msgs[0] and torch.__version__ in msgs[0] and "probe" in msgs[0]
+    assert torch.equal(y1, q.fake_quant(x)) and torch.equal(y2, q.fake_quant(x * 2))
+    assert not kernels.fused_kernels_enabled()
+    assert "differs from the eager one" in kernels.kernel_status()["fallback"]

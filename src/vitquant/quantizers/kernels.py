@@ -12,6 +12,16 @@ Fusion is used for inference only (:meth:`Quantizer.forward` without autograd); 
 search keeps the eager path. It is on by default; ``VITQUANT_COMPILE=0`` or
 :func:`set_fused_kernels(False) <set_fused_kernels>` turns it off. Where ``torch.compile`` cannot
 build a kernel (no C++ compiler, unsupported platform) vitquant warns once and stays eager.
+
+The compiler is not trusted blindly. Python floats (code bounds, level counts) are passed to the
+compiled kernels as 0-d tensors, never as Python numbers: with ``dynamic=True`` torch 2.14 traces a
+float argument as a symbol, yet bakes values derived from it (``levels - 1`` of a clamp) into the
+generated code, and its FX graph cache then hands that kernel to calls with other bit-widths (a
+6-bit kernel clamping 8-bit codes at 31). And the first time a kernel variant (function, dtype,
+device, ranks, broadcast and stride pattern) is compiled, it is checked bit for bit against the
+eager function on its real input and on a probe tensor of exact rounding ties and range
+boundaries of its own steps; on any difference vitquant warns once, naming the torch version, and
+uses the eager kernels from then on (:func:`kernel_status` says which and why).
 """
 from __future__ import annotations
 
@@ -19,7 +29,7 @@ import logging
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -44,7 +54,8 @@ def uniform_affine(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmin: floa
 
 def twin_softmax_split(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: float):
     """Post-softmax twin uniform codes: (``x`` in R1, R1 value code, R2 value code)."""
-    return x < levels * s1, (x / s1).round_().clamp_(0, levels - 1), (x / s2).round_().clamp_(0, levels - 1)
+    return (x < levels * s1, (x / s1).round_().clamp_min_(0).clamp_max_(levels - 1),
+            (x / s2).round_().clamp_min_(0).clamp_max_(levels - 1))
 
 
 def twin_softmax(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: float) -> torch.Tensor:
@@ -56,7 +67,8 @@ def twin_softmax(x: torch.Tensor, s1: torch.Tensor, s2: torch.Tensor, levels: fl
 def twin_gelu_split(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels: float):
     """Post-GELU twin uniform codes in R2 (non-negative) and R1 (negative); each is 0 outside its
     range, so their sum selects by sign."""
-    return (x / s_pos).round_().clamp_(0, levels - 1), (x / s_neg).round_().clamp_(-levels, 0)
+    return ((x / s_pos).round_().clamp_min_(0).clamp_max_(levels - 1),
+            (x / s_neg).round_().clamp_min_(-levels).clamp_max_(0))
 
 
 def twin_gelu(x: torch.Tensor, s_pos: torch.Tensor, s_neg: torch.Tensor, levels: float) -> torch.Tensor:
@@ -69,7 +81,7 @@ def two_scale_split(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tenso
                     cmax: float):
     """V-2SF codes: (``x`` fits the fine range, fine value code, coarse value code)."""
     fine = (x / s_fine).round_()
-    return (fine >= qmin) & (fine <= qmax), fine, (x / s_coarse).round_().clamp_(0.0, cmax)
+    return (fine >= qmin) & (fine <= qmax), fine, (x / s_coarse).round_().clamp_min_(0.0).clamp_max_(cmax)
 
 
 def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmin: float, qmax: float,
@@ -82,7 +94,8 @@ def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmi
 
 # -- dispatch ---------------------------------------------------------------------------------------
 
-_compiled: dict[Callable, Callable] = {}
+_compiled: dict[Callable, Callable] = {}   # kernel function -> its torch.compile wrapper
+_verified: dict[tuple, bool] = {}          # kernel variant -> checked against eager (True = equal)
 _state = {"enabled": os.environ.get("VITQUANT_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no"),
           "failed": None}
 
@@ -90,6 +103,14 @@ _state = {"enabled": os.environ.get("VITQUANT_COMPILE", "1").strip().lower() not
 def fused_kernels_enabled() -> bool:
     """Whether inference uses the fused (compiled) kernels."""
     return _state["enabled"] and _state["failed"] is None
+
+
+def kernel_status() -> dict:
+    """What the result files record: fusion on or off, how many kernel variants were compiled
+    and verified against the eager kernels, and why fusion fell back to eager (None if it did not)."""
+    return {"enabled": fused_kernels_enabled(), "requested": _state["enabled"],
+            "verified_variants": sum(_verified.values()), "fallback": _state["failed"],
+            "torch": torch.__version__}
 
 
 def set_fused_kernels(enabled: bool) -> None:
@@ -108,25 +129,103 @@ def fused_kernels(enabled: bool):
         _state["enabled"] = before
 
 
+def _fall_back(reason: str) -> None:
+    """Use the eager kernels from now on; warn once."""
+    if _state["failed"] is None:
+        _state["failed"] = reason
+        warnings.warn(f"vitquant: {reason}; using the eager kernels (identical results, slower simulated-quantized "
+                      "inference)", RuntimeWarning, stacklevel=4)
+
+
+def _variant(fn: Callable, args: tuple) -> tuple:
+    """What a compiled kernel may specialise on: dtype, device, rank, size-1 dims and stride order."""
+    def sig(a):
+        if not isinstance(a, torch.Tensor):
+            return type(a).__name__
+        order = tuple(sorted(range(a.dim()), key=lambda d: -a.stride(d))) if a.dim() else ()
+        return (a.dtype, a.device.type, a.dim(), tuple(n == 1 for n in a.shape), order, a.is_contiguous())
+    return (fn, tuple(sig(a) for a in args))
+
+
+def _probe(x: torch.Tensor, steps: list[torch.Tensor], span: float) -> torch.Tensor:
+    """A tensor shaped and strided like ``x`` whose values are exact multiples and half-multiples
+    (rounding ties) of the steps, ``k`` in ``[-span-2, span+2]`` (code bounds and range boundaries
+    such as ``levels * s``), a third of them moved one ulp up or down, plus zeros."""
+    g = torch.Generator().manual_seed(0)
+    n = x.numel()
+    k = torch.randint(-int(span) - 2, int(span) + 3, (n,), generator=g).to(torch.float64)
+    half = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 0.5
+    out = torch.empty_like(x)
+    vals = torch.zeros(x.shape, dtype=x.dtype)
+    which = torch.randint(0, max(len(steps), 1), (n,), generator=g).reshape(x.shape)
+    for i, s in enumerate(steps):
+        sv = s.detach().to("cpu", x.dtype).expand(x.shape)
+        v = ((k + half).reshape(x.shape).to(x.dtype) * sv)
+        vals = torch.where(which == i, v, vals)
+    nudge = torch.randint(0, 3, x.shape, generator=g)
+    up, down = torch.nextafter(vals, torch.full_like(vals, float("inf"))), torch.nextafter(vals, torch.full_like(vals, -float("inf")))
+    vals = torch.where(nudge == 1, up, torch.where(nudge == 2, down, vals))
+    vals.view(-1)[:: 17] = 0.0
+    out.copy_(vals.to(x.device))
+    return out
+
+
+def _verify(fn: Callable, compiled: Callable, args: tuple, targs: tuple) -> Optional[str]:
+    """None when the compiled kernel equals ``fn`` bit for bit on the real input and on the probe;
+    else what differs."""
+    x, rest = args[0], args[1:]
+    steps = [a for a in rest if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    span = max([abs(float(a)) for a in rest if isinstance(a, (int, float))] + [1.0])
+    if span > 2 ** 16:
+        span = 2 ** 16
+    for name, xi in (("input", x), ("probe", _probe(x, steps, span))):
+        want = fn(xi.clone(), *rest)
+        got = compiled(xi.clone(), *targs[1:])
+        if want.shape != got.shape or want.dtype != got.dtype:
+            return f"{fn.__name__}: fused kernel gives {tuple(got.shape)} {got.dtype}, eager {tuple(want.shape)} {want.dtype}"
+        same = (want == got) | (torch.isnan(want) & torch.isnan(got))
+        if not bool(same.all()):
+            return (f"fused kernel {fn.__name__} differs from the eager one on torch {torch.__version__} "
+                    f"({int((~same).sum())} of {same.numel()} {name} values)")
+    return None
+
+
+def _as_tensor(a, like: torch.Tensor):
+    """Python numbers as 0-d tensors of ``like``'s dtype (see the module docstring)."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return torch.tensor(float(a), dtype=like.dtype, device=like.device)
+    return a
+
+
 def run_kernel(fn: Callable, *args, fused: bool = False) -> torch.Tensor:
-    """``fn(*args)``, through its compiled version when ``fused`` and fusion is available."""
-    if fused and fused_kernels_enabled() and not torch.compiler.is_compiling():
-        compiled = _compiled.get(fn)
-        if compiled is None:
-            # Inductor imports cpp_extension, which logs a CUDA_HOME notice on CPU-only machines.
-            log = logging.getLogger("torch.utils.cpp_extension")
-            if log.level == logging.NOTSET:
-                log.setLevel(logging.ERROR)
-            # One kernel per broadcast pattern / rank / view-ness; several models or settings in
-            # one process exceed dynamo's default of 8 variants, after which it runs eagerly.
-            limit = getattr(torch._dynamo.config, "recompile_limit", None)
-            if limit is not None and limit < 64:
-                torch._dynamo.config.recompile_limit = 64
-            compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
-        try:
-            return compiled(*args)
-        except Exception as e:  # no compiler / unsupported backend: stay eager, say so once
-            _state["failed"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            warnings.warn(f"vitquant: fused quantization kernels unavailable ({_state['failed']}); "
-                          "using eager kernels (slower simulated-quantized inference)", RuntimeWarning, stacklevel=2)
+    """``fn(*args)``, through its compiled version when ``fused`` and fusion is available (a
+    new kernel variant is verified against ``fn`` before its first use)."""
+    if not (fused and fused_kernels_enabled() and not torch.compiler.is_compiling()):
+        return fn(*args)
+    compiled = _compiled.get(fn)
+    if compiled is None:
+        # Inductor imports cpp_extension, which logs a CUDA_HOME notice on CPU-only machines.
+        log = logging.getLogger("torch.utils.cpp_extension")
+        if log.level == logging.NOTSET:
+            log.setLevel(logging.ERROR)
+        # One kernel per broadcast pattern / rank / view-ness; several models or settings in
+        # one process exceed dynamo's default of 8 variants, after which it runs eagerly.
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < 64:
+            torch._dynamo.config.recompile_limit = 64
+        compiled = _compiled[fn] = torch.compile(fn, dynamic=True)
+    targs = tuple(_as_tensor(a, args[0]) for a in args)
+    key = _variant(fn, targs)
+    try:
+        if key not in _verified:
+            problem = _verify(fn, compiled, args, targs)
+            _verified[key] = problem is None
+            if problem is not None:
+                _fall_back(problem)
+                return fn(*args)
+        return compiled(*targs)
+    except Exception as e:  # no compiler / unsupported backend: stay eager, say so once
+        _verified.pop(key, None)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fall_back(f"fused quantization kernels unavailable ({type(e).__name__}: {msg})")
     return fn(*args)
