@@ -1,7 +1,9 @@
 """The CLI contract: options, JSON fields, and one clear error line for bad input."""
 import json
+import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -51,6 +53,15 @@ def test_quantize_writes_the_contract_json(method, sample_dir, checkpoint, tmp_p
     assert (r["model"], r["method"], r["w_bits"], r["num_calib"], r["num_eval"]) == (MODEL, method, 6, 4, 8)
     assert r["top1_drop"] == pytest.approx(r["fp32_top1"] - r["quant_top1"], abs=1e-3)
     assert r["weights"]["weights_sha256"] and r["environment"]["torch"] == torch.__version__
+    env = r["environment"]  # the machine that produced the figures
+    assert env["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["torch_threads"] == torch.get_num_threads() and env["onnxruntime"]
+    assert env["processor"]["model"] and env["processor"]["logical_cpus"] >= 1
+    if Path("/proc/cpuinfo").exists() and platform.machine() == "x86_64":
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+        assert env["processor"]["isa"]["avx2"] == ("avx2" in flags)
+        assert env["processor"]["isa"]["vnni"] == ("avx512_vnni" in flags or "avx_vnni" in flags)
+    assert env["fused_kernels"]["fallback"] is None and r["fused_kernels"] == env["fused_kernels"]["enabled"]
     assert r["config"]["method"] == method and r["calib_data"]["names"] == r["calib_data"]["names"][:4]
     assert r["model_size_mb"] < r["fp32_model_size_mb"]
     assert "top-1 FP32 / quant" in out
