@@ -10,6 +10,7 @@ import vitquant
 from vitquant import get_recipe, quantize
 from vitquant.cli import main
 from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
+from vitquant.export.verify import ExportMismatch
 
 FAST = dict(rounds=1, num_candidates=8)
 CASES = [("ptq4vit", 8, tiny_vit), ("tsptq", 8, tiny_vit), ("liu2021", 8, tiny_vit), ("base", 6, tiny_vit),
@@ -23,6 +24,9 @@ def test_onnx_runtime_reproduces_the_simulated_model(method, bits, make, tmp_pat
     model, _ = quantize(make(), x, get_recipe(method, bits, bits, **FAST), progress=False)
     info = export_onnx(model, tmp_path / "q.onnx")
     onnx.checker.check_model(onnx.load(tmp_path / "q.onnx"))
+    check = info["check"]  # the export verified itself on seeded random inputs
+    assert check["ok"] and check["mean_logit_diff"] <= check["allowed_mean_diff"] and check["num_inputs"] == 8
+    assert check["inputs"].startswith("random") and 0 <= check["top1_agreement"] <= 1
     with torch.no_grad():
         expect = model(x)
     got = OrtModel(tmp_path / "q.onnx")(x)
@@ -75,7 +79,10 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
                  "--calib-data", img, "--calib-list", str(lists / "calib.txt"), *evalargs, "--num-candidates", "8",
                  "--search-rounds", "1", "--save", str(tmp_path / "q"), "--json", str(tmp_path / "r.json")]) == 0
     assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--json", str(tmp_path / "x.json")]) == 0
-    assert json.loads((tmp_path / "x.json").read_text())["runtime"]["integer_ops"]
+    exported = json.loads((tmp_path / "x.json").read_text())
+    assert exported["runtime"]["integer_ops"] and exported["check"]["ok"]
+    assert exported["check"]["inputs"] == "calibration images" and exported["check"]["num_inputs"] == 4
+    assert "export check on 4 calibration images" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "q.onnx"), *evalargs, "--json", str(tmp_path / "e1.json")]) == 0
     assert main(["eval", str(tmp_path / "q"), *evalargs, "--json", str(tmp_path / "e2.json")]) == 0
     e1, e2 = (json.loads((tmp_path / f).read_text()) for f in ("e1.json", "e2.json"))
@@ -98,3 +105,49 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
     assert "ONNX file not found" in capsys.readouterr().err
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "z.onnx")]) == 2
     assert "not a vitquant checkpoint" in capsys.readouterr().err and not (tmp_path / "z.onnx").exists()
+
+
+def _broken_qdq(monkeypatch, factor=1.05):
+    """Every activation QDQ of the export uses a step ``factor`` off: a plausible export defect."""
+    from vitquant.quantizers import base
+    real = base.qdq
+    monkeypatch.setattr(base, "qdq", lambda x, scale, *a: real(x, torch.as_tensor(scale) * factor, *a))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+def test_a_broken_export_is_refused_and_not_written(make, tmp_path, monkeypatch):
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, _ = quantize(make(), x, get_recipe("ptq4vit", 8, 8, **FAST), progress=False)
+    good = export_onnx(model, tmp_path / "good.onnx")["check"]
+    _broken_qdq(monkeypatch)
+    with pytest.raises(ExportMismatch, match="does not compute the simulated model") as e:
+        export_onnx(model, tmp_path / "bad.onnx")
+    assert not (tmp_path / "bad.onnx").exists() and not list(tmp_path.glob(".bad.onnx*"))
+    assert "not written" in str(e.value) and "\n" not in str(e.value)
+    # the defect shows far above the noise floor; the good export sits within it
+    bad = export_onnx(model, tmp_path / "unchecked.onnx", tolerance=1e12)["check"]
+    assert bad["mean_logit_diff"] > 10 * good["allowed_mean_diff"] / good["tolerance"]
+    assert good["ok"] and good["mean_logit_diff"] <= good["allowed_mean_diff"]
+
+
+def test_cli_export_refuses_a_broken_graph_with_one_line(sample_dir, tmp_path, capsys, monkeypatch):
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    ckpt = tmp_path / "ck.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    img, lists = str(sample_dir / "images"), sample_dir / "splits"
+    assert main(["quantize", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--img-size", "32", "--num-calib", "4",
+                 "--calib-data", img, "--calib-list", str(lists / "calib.txt"), "--no-eval", "--quiet",
+                 "--num-candidates", "8", "--search-rounds", "1", "--save", str(tmp_path / "q")]) == 0
+    loaded = vitquant.load(tmp_path / "q")  # the 4 calibration images travel with the checkpoint
+    assert loaded.vitquant_calibration_sample.shape == (4, 3, 32, 32)
+    _broken_qdq(monkeypatch, 1.1)  # a 12-block random-init model: LayerNorms damp a step error
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vitquant: error: the exported graph does not compute")
+    assert "4 calibration images" in err[0] and not (tmp_path / "q.onnx").exists()
+    # --no-verify writes it anyway (and says the check was skipped)
+    assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--no-verify"]) == 0
+    assert "export check skipped" in capsys.readouterr().out and (tmp_path / "q.onnx").exists()

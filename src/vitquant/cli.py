@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
     e.add_argument("--fp32", action="store_true",
                    help="export the FP32 graph instead (quantization off, dequantized weights)")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip the export check (by default the graph runs in ONNX Runtime on the checkpoint's "
+                        "calibration sample, or seeded random inputs, and must match the simulated model within "
+                        "the measured rounding-noise floor; otherwise nothing is written)")
+    e.add_argument("--verify-tolerance", type=float, default=None, metavar="X",
+                   help="allowed max |logit difference| as a multiple of the noise floor (default 4)")
+    e.add_argument("--threads", type=_positive_int, help="CPU threads")
     e.add_argument("--json", help="write the export summary as JSON")
     v = sub.add_parser("eval", help="evaluate a saved model (PyTorch) or an exported .onnx (ONNX Runtime, CPU)")
     v.add_argument("model", help="directory written by quantize --save, or a .onnx file from vitquant export")
@@ -403,7 +410,8 @@ def run_quantize(args) -> dict:
         from .export import save
         manifest = save(model, args.save, model_name=args.model,
                         model_args={"img_size": args.img_size} if args.img_size else None, weights=model_info,
-                        extra={"calib_data": calib.describe() | {"names": calib.names}, "seed": args.seed})
+                        extra={"calib_data": calib.describe() | {"names": calib.names}, "seed": args.seed},
+                        calibration_sample=calib.subset(8))
         on_disk = sum(f.stat().st_size for f in Path(args.save).iterdir())
         result["saved"] = {"dir": args.save, "bytes_on_disk": on_disk, "mb_on_disk": round(on_disk / 1e6, 4),
                            "tensors_sha256": manifest["tensors_sha256"], "model_size_mb": result["model_size_mb"]}
@@ -460,15 +468,26 @@ def run_export(args) -> dict:
     if args.json:
         _check_writable(args.json)
     _check_writable(args.onnx)
+    import torch
+
+    from .export.verify import describe
+    from .report import environment
+    if args.verify_tolerance is not None and not (args.verify_tolerance > 0):
+        raise VitquantError(f"--verify-tolerance must be positive, got {args.verify_tolerance}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = _load_saved(args.saved)
     try:
-        info = export_onnx(model, args.onnx, fp32=args.fp32, metadata=_metadata(model))
+        info = export_onnx(model, args.onnx, fp32=args.fp32, metadata=_metadata(model), verify=not args.no_verify,
+                           tolerance=args.verify_tolerance, threads=args.threads)
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
     info["runtime"] = integer_kernels(args.onnx, None if args.fp32 else model)
+    info["environment"] = environment()
     kinds = ", ".join(f"{k} {v}" for k, v in info["runtime"]["integer_ops"].items()) or "none"
     print(f"wrote {args.onnx} ({info['bytes'] / 1e6:.2f} MB, {info['int8_weights']} int8 weights); "
           f"ONNX Runtime integer kernels: {kinds}; float MatMul/Gemm left: {info['runtime']['float_matmuls']}")
+    print(describe(info["check"]) if info["check"] else "export check skipped (--no-verify)")
     _print_fusion(info["runtime"].get("by_quantizer", {}))
     if args.json:
         atomic_write_json(args.json, info)

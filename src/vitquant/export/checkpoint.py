@@ -1,6 +1,6 @@
 """Quantized checkpoints: ``save(model, DIR)`` / ``load(DIR)``.
 
-A directory with two files, written atomically (a temporary sibling directory renamed into place):
+A directory with two files (three with a calibration sample), written atomically (a temporary sibling directory renamed into place):
 
 * ``model.safetensors``: the wrapped model's state dict in which every quantized weight is replaced
   by its integer codes ``<op>.weight_codes`` (int8 when the codes fit, else int16; the bit-width
@@ -9,6 +9,9 @@ A directory with two files, written atomically (a temporary sibling directory re
 * ``manifest.json``: model name and constructor arguments, timm / torch / vitquant versions, the
   method config, the source weights' sha256, every quantizer's type and constructor arguments,
   and the sha256 of ``model.safetensors``.
+* ``calibration_sample.safetensors`` (optional; ``quantize --save`` writes it): the first 8
+  calibration images (uint8, with the normalisation), on which ``vitquant export`` checks that
+  the ONNX graph computes the simulated model (:mod:`vitquant.export.verify`).
 
 :func:`load` rebuilds the quantized model without calibration: its quantized weights are the
 dequantized codes, which the weight quantizers map to themselves, so its logits equal the
@@ -32,7 +35,7 @@ from ..nn.modules import QuantOp, _WeightOp
 from ..nn.wrap import is_wrapped, quant_ops, wrap_model
 
 FORMAT = "vitquant-checkpoint/1"
-TENSORS, MANIFEST = "model.safetensors", "manifest.json"
+TENSORS, MANIFEST, SAMPLE = "model.safetensors", "manifest.json", "calibration_sample.safetensors"
 
 
 def _code_dtype(codes: torch.Tensor) -> torch.dtype:
@@ -64,14 +67,45 @@ def check_new_dir(path: str | os.PathLike) -> None:
         raise VitquantError(f"output directory {path} exists and is not empty")
 
 
+def _sample_tensors(sample) -> dict[str, torch.Tensor]:
+    """A few calibration images for the export check: an ImageSet (uint8 + mean / std) or
+    normalised float images ``[n, 3, H, W]``."""
+    if hasattr(sample, "images") and hasattr(sample, "mean"):
+        return {"images": sample.images.contiguous(), "mean": sample.mean.float().contiguous(),
+                "std": sample.std.float().contiguous()}
+    if isinstance(sample, torch.Tensor) and sample.dim() == 4 and sample.is_floating_point():
+        return {"images": sample.detach().float().cpu().contiguous()}
+    raise VitquantError("calibration_sample must be an ImageSet or a float tensor [n, 3, H, W]")
+
+
+def _read_sample(path: Path, manifest: dict) -> Optional[torch.Tensor]:
+    """The saved calibration sample as normalised float images, or None when there is none."""
+    from safetensors.torch import load_file
+
+    from ..models import sha256_file
+    info = manifest.get("calibration_sample")
+    if not info:
+        return None
+    f = path / SAMPLE
+    if not f.is_file() or sha256_file(f) != info.get("sha256"):
+        raise VitquantError(f"{f} is missing or does not match its manifest (sha256 differs)")
+    t = load_file(str(f))
+    if t["images"].dtype == torch.uint8:
+        return t["images"].float().div_(255).sub_(t["mean"]).div_(t["std"])
+    return t["images"]
+
+
 def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str] = None,
-         model_args: Optional[dict] = None, weights: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+         model_args: Optional[dict] = None, weights: Optional[dict] = None, extra: Optional[dict] = None,
+         calibration_sample=None) -> dict:
     """Write a quantized (wrapped, calibrated) model to directory ``path``; returns the manifest.
 
     ``model_name``: the timm name (default: ``model.pretrained_cfg['architecture']``);
     ``model_args``: ``timm.create_model`` arguments that rebuild it (default: its ``num_classes``
     and ``img_size``; give the rest for a model built with other arguments);
-    ``weights``: provenance of the FP weights (e.g. ``{"weights_sha256": ...}``)."""
+    ``weights``: provenance of the FP weights (e.g. ``{"weights_sha256": ...}``);
+    ``calibration_sample``: a few calibration images (ImageSet or float tensor) saved beside the
+    model, on which ``vitquant export`` checks the ONNX graph against the simulation."""
     import timm
     from safetensors.torch import save_file
 
@@ -114,6 +148,10 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
         from ..models import sha256_file
         manifest["tensors_sha256"] = sha256_file(tmp / TENSORS)
         manifest["tensors_bytes"] = (tmp / TENSORS).stat().st_size
+        if calibration_sample is not None:
+            save_file(_sample_tensors(calibration_sample), str(tmp / SAMPLE))
+            manifest["calibration_sample"] = {"file": SAMPLE, "num_images": len(calibration_sample),
+                                              "sha256": sha256_file(tmp / SAMPLE)}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
         if path.exists():
             path.rmdir()  # empty (checked above)
@@ -180,4 +218,5 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     if manifest.get("config"):
         model.vitquant_config = config_from_dict(manifest["config"])
     model.vitquant_manifest = manifest
+    model.vitquant_calibration_sample = _read_sample(path, manifest)
     return model.to(device)

@@ -46,11 +46,19 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False, opset: int = 17,
-                metadata: Optional[dict] = None) -> dict:
+                metadata: Optional[dict] = None, verify: bool = True, verify_inputs: Optional[torch.Tensor] = None,
+                tolerance: Optional[float] = None, threads: Optional[int] = None) -> dict:
     """Write ``model`` (wrapped and calibrated; with ``fp32`` its FP32 version) as ONNX to ``path``
     (atomically); the batch dimension is dynamic. ``metadata`` (str -> str) goes into the model's
-    metadata_props. Returns a summary (node counts)."""
+    metadata_props. Returns a summary (node counts, and with ``verify`` the export check).
+
+    ``verify`` (default): before ``path`` is written, the graph runs in ONNX Runtime on
+    ``verify_inputs`` (default: the checkpoint's calibration sample, else seeded random images) and
+    is compared with the simulated model (:mod:`vitquant.export.verify`); beyond the rounding
+    noise floor it raises :class:`~vitquant.export.verify.ExportMismatch` and writes nothing."""
     import onnx
+
+    from .verify import DEFAULT_TOLERANCE, ExportMismatch, check_export, describe
     size = getattr(getattr(model, "patch_embed", None), "img_size", (224, 224))
     example = torch.zeros(1, 3, *size)
     ctx = quantization_disabled(model) if fp32 else contextlib.nullcontext()
@@ -65,12 +73,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
     for k, v in (metadata or {}).items():
         m.metadata_props.add(key=k, value=str(v))
     onnx.checker.check_model(m)
-    _atomic(path, lambda f: f.write(m.SerializeToString()))
+    data = m.SerializeToString()
+    check = None
+    if verify:
+        with tempfile.TemporaryDirectory() as tmp:
+            candidate = os.path.join(tmp, "candidate.onnx")
+            with open(candidate, "wb") as f:
+                f.write(data)
+            check = check_export(model, candidate, verify_inputs, fp32=fp32, threads=threads,
+                                 tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
+        if not check["ok"]:
+            raise ExportMismatch(f"the exported graph does not compute the simulated model: {describe(check)}; "
+                                 f"{path} not written")
+    _atomic(path, lambda f: f.write(data))
     ops = Counter(n.op_type for n in m.graph.node)
     int8 = sum(1 for n in m.graph.node if n.op_type == "Constant" and n.attribute
                and n.attribute[0].t.data_type == onnx.TensorProto.INT8 and len(n.attribute[0].t.dims) >= 2)
     return {"path": str(path), "opset": opset, "nodes": dict(ops), "int8_weights": int8,
-            "bytes": Path(path).stat().st_size}
+            "bytes": Path(path).stat().st_size, "check": check}
 
 
 def session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None):
