@@ -116,11 +116,12 @@ def speed(args, doc) -> None:
         calib, _ = load_data(model, args.sample, args.speed_calib, 1)
         model, _ = quantize(model, calib, get_recipe(method, 8, 8), progress=False)
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                                  threads=args.threads)
+                                  threads=args.threads, int8_modes=args.int8)
         doc["speed"].append(dict(model=args.speed_model, weights=info, method=method, num_calib=len(calib), rows=rows))
         for r in rows:
             log(f"{method} batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
-                f"ONNX INT8 {r['onnx_int8_ips']:.1f} img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
+                + ", ".join(f"ONNX INT8 {m} {r[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8)
+                + f" img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
 
 
 def markdown(doc) -> str:
@@ -148,13 +149,20 @@ def markdown(doc) -> str:
                       f"{r['median_max_logit_diff']:.3g} | {r['max_logit_diff']:.3g} |" for r in a["divergence_per_block"]]
             lines.append("")
     for s in doc.get("speed") or []:
+        modes = [k[len("onnx_int8_"):-len("_ips")] for k in s["rows"][0]
+                 if k.startswith("onnx_int8_") and k.endswith("_ips") and k != "onnx_int8_ips"] or ["exact"]
+        cpu = (doc.get("environment") or {}).get("processor") or {}
+        isa = cpu.get("isa") or {}
         lines += [f"**Speed**: {s['model']} (random init), {s['method']} W8A8, {s['rows'][0]['threads']} threads, "
-                  f"median of {s['rows'][0]['repeats']} runs; images/s.", "",
-                  "| batch | PyTorch FP32 | ONNX FP32 | ONNX INT8 | INT8 / ONNX FP32 | accelerated |",
-                  "|---|---|---|---|---|---|"]
+                  f"median of {s['rows'][0]['repeats']} runs; images/s. CPU: {cpu.get('model')} "
+                  f"(AVX2 {isa.get('avx2')}, AVX-512 {isa.get('avx512f')}, VNNI {isa.get('vnni')}).", "",
+                  "| batch | PyTorch FP32 | ONNX FP32 | " + " | ".join(f"ONNX INT8 {m} | {m} / ONNX FP32" for m in modes)
+                  + " | accelerated |", "|---|---|---|" + "---|---|" * len(modes) + "---|"]
         for r in s["rows"]:
-            lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | "
-                         f"{r['onnx_int8_ips']:.1f} | x{r['int8_speedup']:.2f} | {r['accelerated']} |")
+            cells = " | ".join(f"{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']):.1f} | "
+                               f"x{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']) / r['onnx_fp32_ips']:.2f}" for m in modes)
+            lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | {cells} | "
+                         f"{r['accelerated']} |")
         lines += ["", "Quantized ops by kind (op type and input quantizers) and how ONNX Runtime ran them:", ""]
         for kind, c in s["rows"][0]["by_quantizer"].items():
             lines.append(f"- {kind}: {c['integer']} integer, {c['float']} float")
@@ -170,6 +178,8 @@ def main():
     p.add_argument("--speed-model", default="deit_small_patch16_224")
     p.add_argument("--speed-calib", type=int, default=8)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--int8", nargs="+", choices=["exact", "fast"], default=["exact", "fast"],
+                   help="int8 storage modes timed side by side (vitquant export --int8)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--divergence-images", type=int, default=100,

@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", required=True, metavar="FILE", help="output .onnx file")
     e.add_argument("--fp32", action="store_true",
                    help="export the FP32 graph instead (quantization off, dequantized weights)")
+    e.add_argument("--int8", choices=["exact", "fast"], default="exact",
+                   help="how 8-bit codes are stored: exact (default) = uint8, u8 x u8 integer kernels, exact on every "
+                        "x86 CPU; fast = signed codes int8, u8 x s8 kernels, faster with VNNI but wrong on AVX2-only "
+                        "CPUs (saturating 16-bit sums)")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the export check (by default the graph runs in ONNX Runtime on the checkpoint's "
                         "calibration sample, or seeded random inputs, and must match the simulated model within "
@@ -197,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=_positive_int, default=3, help="untimed runs per batch size and runtime")
     b.add_argument("--repeats", type=_positive_int, default=10, help="timed runs (the median is reported)")
     b.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime")
+    b.add_argument("--int8", choices=["exact", "fast"], nargs="+", default=["exact"],
+                   help="int8 storage modes to time side by side (see export --int8); the first is onnx_int8")
     b.add_argument("--json", help="write one object per batch size as a JSON list")
     sw = sub.add_parser("sweep", help="run a grid of models x methods x bit-widths x calibration sizes x seeds "
                                       "(resumable; one process per cell)")
@@ -479,13 +485,14 @@ def run_export(args) -> dict:
     model = _load_saved(args.saved)
     try:
         info = export_onnx(model, args.onnx, fp32=args.fp32, metadata=_metadata(model), verify=not args.no_verify,
-                           tolerance=args.verify_tolerance, threads=args.threads)
+                           tolerance=args.verify_tolerance, threads=args.threads, int8=args.int8)
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
     info["runtime"] = integer_kernels(args.onnx, None if args.fp32 else model)
     info["environment"] = environment()
     kinds = ", ".join(f"{k} {v}" for k, v in info["runtime"]["integer_ops"].items()) or "none"
-    print(f"wrote {args.onnx} ({info['bytes'] / 1e6:.2f} MB, {info['int8_weights']} int8 weights); "
+    print(f"wrote {args.onnx} ({info['bytes'] / 1e6:.2f} MB, {info['int8_weights']} 8-bit weights, {args.int8} "
+          f"int8 storage); "
           f"ONNX Runtime integer kernels: {kinds}; float MatMul/Gemm left: {info['runtime']['float_matmuls']}")
     print(describe(info["check"]) if info["check"] else "export check skipped (--no-verify)")
     _print_fusion(info["runtime"].get("by_quantizer", {}))
@@ -556,15 +563,16 @@ def run_bench(args) -> list:
     model = _load_saved(args.saved)
     try:
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                                  threads=args.threads)
+                                  threads=args.threads, int8_modes=args.int8)
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
     env = environment()
     for row in rows:
         row |= {"model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": env}
         print(f"batch {row['batch']:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 "
-              f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
-              f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})")
+              f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 ({row['int8']}) {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
+              f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})"
+              + "".join(f", INT8 ({m}) {row[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8[1:]))
     _print_fusion(rows[0]["by_quantizer"] if rows else {})
     if args.json:
         atomic_write_json(args.json, rows)

@@ -27,31 +27,35 @@ def median_throughput(run: Callable[[torch.Tensor], object], x: torch.Tensor, wa
 
 
 def benchmark_runtimes(model: nn.Module, batch_sizes: Sequence[int] = (1, 32), *, warmup: int = 3, repeats: int = 10,
-                       threads: Optional[int] = None) -> list[dict]:
+                       threads: Optional[int] = None, int8_modes: Sequence[str] = ("exact",)) -> list[dict]:
     """Export ``model`` (wrapped, calibrated) to INT8 and FP32 ONNX in a temporary directory and
-    time the three runtimes side by side on the same random batch, per batch size. One row per
-    batch size: ``batch, torch_fp32_ips, onnx_fp32_ips, onnx_int8_ips, int8_speedup`` (INT8 over
-    FP32 ONNX), ``accelerated`` (every quantized matmul runs as an integer kernel) and the
-    per-op fusion report of :func:`integer_kernels`."""
+    time the runtimes side by side on the same random batch, per batch size. One row per batch
+    size: ``batch, torch_fp32_ips, onnx_fp32_ips, onnx_int8_ips`` (the first of ``int8_modes``),
+    ``onnx_int8_<mode>_ips`` per mode (``export_onnx``'s ``int8`` storage), ``int8_speedup``
+    (INT8 over FP32 ONNX), ``accelerated`` (every quantized matmul runs as an integer kernel) and
+    the per-op fusion report of :func:`integer_kernels`."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     size = getattr(getattr(model, "patch_embed", None), "img_size", (224, 224))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        export_onnx(model, f"{tmp}/int8.onnx")
-        export_onnx(model, f"{tmp}/fp32.onnx", fp32=True)
-        kernels = integer_kernels(f"{tmp}/int8.onnx", model)
-        int8, fp32 = OrtModel(f"{tmp}/int8.onnx", threads), OrtModel(f"{tmp}/fp32.onnx", threads)
+        for mode in int8_modes:
+            export_onnx(model, f"{tmp}/int8_{mode}.onnx", int8=mode, verify=False)
+        export_onnx(model, f"{tmp}/fp32.onnx", fp32=True, verify=False)
+        kernels = integer_kernels(f"{tmp}/int8_{int8_modes[0]}.onnx", model)
 
         def torch_fp32(x):
             with quantization_disabled(model):
                 return model(x)
-        runtimes = {"torch_fp32": torch_fp32, "onnx_fp32": fp32, "onnx_int8": int8}
+        runtimes = {"torch_fp32": torch_fp32, "onnx_fp32": OrtModel(f"{tmp}/fp32.onnx", threads)}
+        runtimes |= {f"onnx_int8_{mode}": OrtModel(f"{tmp}/int8_{mode}.onnx", threads) for mode in int8_modes}
         for bs in batch_sizes:
             x = torch.randn(bs, 3, *size, generator=torch.Generator().manual_seed(0))
             row = {"batch": bs}
             for name, run in runtimes.items():
                 row[f"{name}_ips"] = round(median_throughput(run, x, warmup, repeats), 3)
+            row["onnx_int8_ips"] = row[f"onnx_int8_{int8_modes[0]}_ips"]
+            row["int8"] = int8_modes[0]
             row["int8_speedup"] = round(row["onnx_int8_ips"] / row["onnx_fp32_ips"], 3)
             row["accelerated"] = kernels["accelerated"]
             row |= {"integer_ops": kernels["integer_ops"], "float_matmuls_left": kernels["float_matmuls"],

@@ -29,10 +29,16 @@ FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm")
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block every quantized op writes its quantizers as QDQ ops."""
+def export_mode(model: nn.Module, int8: str = "exact") -> Iterator[nn.Module]:
+    """Inside the block every quantized op writes its quantizers as QDQ ops, with 8-bit codes
+    stored as ``int8`` says (see ``vitquant.quantizers.base.EXPORT_STORAGE``)."""
     from ..nn.modules import QuantLinear, _WeightOp
+    from ..quantizers.base import EXPORT_STORAGE, STORAGE_MODES
+    if int8 not in STORAGE_MODES:
+        raise ValueError(f"int8 storage must be one of {', '.join(STORAGE_MODES)}, got {int8!r}")
     ops = [op for _, op in quant_ops(model)]
+    before = EXPORT_STORAGE["mode"]
+    EXPORT_STORAGE["mode"] = int8
     for op in ops:
         op.exporting = True
         if isinstance(op, _WeightOp):
@@ -40,6 +46,7 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
+        EXPORT_STORAGE["mode"] = before
         for op in ops:
             op.exporting = False
             op._export = None
@@ -47,10 +54,16 @@ def export_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False, opset: int = 17,
                 metadata: Optional[dict] = None, verify: bool = True, verify_inputs: Optional[torch.Tensor] = None,
-                tolerance: Optional[float] = None, threads: Optional[int] = None) -> dict:
+                tolerance: Optional[float] = None, threads: Optional[int] = None, int8: str = "exact") -> dict:
     """Write ``model`` (wrapped and calibrated; with ``fp32`` its FP32 version) as ONNX to ``path``
     (atomically); the batch dimension is dynamic. ``metadata`` (str -> str) goes into the model's
     metadata_props. Returns a summary (node counts, and with ``verify`` the export check).
+
+    ``int8="exact"`` (default) stores every 8-bit code that a matmul consumes as uint8 (signed
+    codes with zero point 128): ONNX Runtime then runs u8 x u8 integer kernels, exact on every x86
+    CPU. ``"fast"`` keeps signed codes int8 (u8 x s8 kernels): faster where the CPU has VNNI, but
+    on AVX2-only CPUs those kernels add pairs of products in saturating 16-bit arithmetic and
+    compute wrong results (measured: ``benchmarks/deploy.py``, README "Deploy").
 
     ``verify`` (default): before ``path`` is written, the graph runs in ONNX Runtime on
     ``verify_inputs`` (default: the checkpoint's calibration sample, else seeded random images) and
@@ -63,14 +76,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
     example = torch.zeros(1, 3, *size)
     ctx = quantization_disabled(model) if fp32 else contextlib.nullcontext()
     model.eval()
-    with tempfile.TemporaryDirectory() as tmp, ctx, export_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, ctx, export_mode(model, int8), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notes on Python-side constants (scales) are expected
         raw = os.path.join(tmp, "model.onnx")
         torch.onnx.export(model, (example,), raw, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False, do_constant_folding=False)
         m = onnx.load(raw)
-    for k, v in (metadata or {}).items():
+    for k, v in ((metadata or {}) | {"vitquant.int8": int8}).items():
         m.metadata_props.add(key=k, value=str(v))
     onnx.checker.check_model(m)
     data = m.SerializeToString()
@@ -87,9 +100,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
                                  f"{path} not written")
     _atomic(path, lambda f: f.write(data))
     ops = Counter(n.op_type for n in m.graph.node)
-    int8 = sum(1 for n in m.graph.node if n.op_type == "Constant" and n.attribute
-               and n.attribute[0].t.data_type == onnx.TensorProto.INT8 and len(n.attribute[0].t.dims) >= 2)
-    return {"path": str(path), "opset": opset, "nodes": dict(ops), "int8_weights": int8,
+    n_weights = sum(1 for n in m.graph.node if n.op_type == "Constant" and n.attribute and len(n.attribute[0].t.dims) >= 2
+                    and n.attribute[0].t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
+    return {"path": str(path), "opset": opset, "int8": int8, "nodes": dict(ops), "int8_weights": n_weights,
             "bytes": Path(path).stat().st_size, "check": check}
 
 

@@ -50,8 +50,13 @@ class _DequantizedWeight(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, anchor, w: _ExportWeight):
-        return g.op("DequantizeLinear", g.op("Constant", value_t=w.codes), g.op("Constant", value_t=w.steps),
-                    g.op("Constant", value_t=torch.zeros(w.steps.shape, dtype=torch.int8)), axis_i=w.axis)
+        from ..quantizers.base import EXPORT_STORAGE
+        if EXPORT_STORAGE["mode"] == "exact":  # uint8 code + 128 (see EXPORT_STORAGE)
+            codes, zero = (w.codes.to(torch.int16) + 128).to(torch.uint8), torch.full(w.steps.shape, 128, dtype=torch.uint8)
+        else:
+            codes, zero = w.codes, torch.zeros(w.steps.shape, dtype=torch.int8)
+        return g.op("DequantizeLinear", g.op("Constant", value_t=codes), g.op("Constant", value_t=w.steps),
+                    g.op("Constant", value_t=zero), axis_i=w.axis)
 
 
 class QuantOp(nn.Module):

@@ -163,10 +163,20 @@ def broadcast_groups(t: torch.Tensor, x: torch.Tensor, group_dim: int | None) ->
     return t.repeat_interleave(x.shape[d] // t.numel()).reshape(shape)
 
 
+# How ONNX export stores 8-bit codes (set by ``vitquant.export.onnx.export_mode``). "exact": every
+# code a matmul consumes is uint8 (signed codes with zero point 128), so ONNX Runtime runs u8 x u8
+# integer kernels, which accumulate exactly on every x86 CPU. "fast": signed codes as int8, the
+# u8 x s8 kernels, which on CPUs without VNNI (AVX2 only) add pairs of products in saturating
+# 16-bit arithmetic (vpmaddubsw) and so can compute wrong results.
+EXPORT_STORAGE = {"mode": "exact"}
+STORAGE_MODES = ("exact", "fast")
+
+
 def qdq(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int) -> torch.Tensor:
     """``clamp(round(x / s), qmin, qmax) * s`` written as the ops ONNX export maps to
-    QuantizeLinear / DequantizeLinear (int8 or uint8 storage; a narrower code range is a clip of
-    ``x`` before quantizing). ``scale``: one value, or one per group along ``group_dim``."""
+    QuantizeLinear / DequantizeLinear (uint8 storage, or int8 for signed codes in the "fast" mode
+    or per channel, see ``EXPORT_STORAGE``; a narrower code range is a clip of ``x`` before
+    quantizing). ``scale``: one value, or one per group along ``group_dim``."""
     if qmin >= -128 and qmax <= 127:
         lo, hi = -128, 127
     elif qmin >= 0 and qmax <= 255:
@@ -178,6 +188,8 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, 
         s = float(scale[0])
         if (qmin, qmax) != (lo, hi):
             x = x.clamp(qmin * s, qmax * s)
+        if lo < 0 and EXPORT_STORAGE["mode"] == "exact":  # the same codes, stored as code + 128 in uint8
+            return torch.fake_quantize_per_tensor_affine(x, s, 128, 0, 255)
         return torch.fake_quantize_per_tensor_affine(x, s, 0, lo, hi)
     d = group_dim % x.dim()
     per = scale.repeat_interleave(x.shape[d] // scale.numel())
