@@ -151,3 +151,33 @@ def test_cli_export_refuses_a_broken_graph_with_one_line(sample_dir, tmp_path, c
     # --no-verify writes it anyway (and says the check was skipped)
     assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--no-verify"]) == 0
     assert "export check skipped" in capsys.readouterr().out and (tmp_path / "q.onnx").exists()
+
+
+def test_int8_storage_modes_compute_the_same_codes(tmp_path, monkeypatch):
+    """exact (default) stores every code a matmul reads as uint8 (signed codes + 128); fast keeps
+    int8. Same codes, same logits; a fast file on a CPU without VNNI warns."""
+    import warnings
+    from vitquant import report
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, _ = quantize(tiny_vit(), x, get_recipe("ptq4vit", 8, 8, **FAST), progress=False)
+    exact = export_onnx(model, tmp_path / "exact.onnx")
+    fast = export_onnx(model, tmp_path / "fast.onnx", int8="fast")
+    graphs = {m: onnx.load(tmp_path / f"{m}.onnx").graph for m in ("exact", "fast")}
+    weight_types = {m: {n.attribute[0].t.data_type for n in g.node if n.op_type == "Constant" and n.attribute
+                        and len(n.attribute[0].t.dims) >= 2 and n.attribute[0].t.data_type != onnx.TensorProto.FLOAT}
+                    for m, g in graphs.items()}
+    assert weight_types == {"exact": {onnx.TensorProto.UINT8}, "fast": {onnx.TensorProto.INT8}}
+    assert exact["check"]["ok"] and fast["check"]["ok"] and exact["int8_weights"] == fast["int8_weights"]
+    a, b = OrtModel(tmp_path / "exact.onnx")(x), OrtModel(tmp_path / "fast.onnx")(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    no_vnni = report.cpu_info() | {"architecture": "x86_64",
+                                   "isa": dict.fromkeys(["avx2", "avx512f", "avx512_vnni", "avx_vnni", "vnni"], False)}
+    monkeypatch.setattr(report, "cpu_info", lambda: no_vnni)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        OrtModel(tmp_path / "exact.onnx")
+        OrtModel(tmp_path / "fast.onnx")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1 and "fast.onnx" in msgs[0] and "no VNNI" in msgs[0]
+    with pytest.raises(ValueError, match="int8 storage"):
+        export_onnx(model, tmp_path / "bad.onnx", int8="int4")

@@ -193,6 +193,13 @@ class OrtModel:
         self.session = session(path, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+        if self.metadata.get("vitquant.int8") == "fast":
+            from ..report import cpu_info
+            cpu = cpu_info()
+            if cpu["architecture"] in ("x86_64", "AMD64") and cpu["isa"] and not cpu["isa"]["vnni"]:
+                warnings.warn(f"vitquant: {self.path} was exported with --int8 fast (u8 x s8 integer kernels); this CPU "
+                              f"({cpu['model']}) has no VNNI, where ONNX Runtime's u8 x s8 kernels saturate and "
+                              "compute wrong results: export with --int8 exact (the default)", RuntimeWarning, stacklevel=2)
 
     def eval(self) -> "OrtModel":
         return self
