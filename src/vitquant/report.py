@@ -31,6 +31,8 @@ def cpu_info() -> dict:
         pass
     info["model"] = fields.get("model name") or fields.get("Model") or info["model"]
     info["vendor"] = fields.get("vendor_id") or fields.get("CPU implementer")
+    info["family_model_stepping"] = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping")) \
+        if "cpu family" in fields else None
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
     info["isa"] = {name: flag in flags for name, flag in ISA_FLAGS.items()} if flags else None
     if flags:
