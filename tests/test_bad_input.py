@@ -125,6 +125,10 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
         # saved models and exports
         "export of a directory that is no checkpoint": (["export", str(tmp_path / "empty"), "--onnx",
                                                          str(tmp_path / "x.onnx")], "not a vitquant checkpoint"),
+        "export check tolerance not positive": (["export", str(saved), "--onnx", str(tmp_path / "t.onnx"),
+                                                 "--verify-tolerance", "0"], "must be positive"),
+        "unknown int8 storage": (["export", str(saved), "--onnx", str(tmp_path / "t.onnx"), "--int8", "int4"],
+                                 "invalid choice"),
         "tampered checkpoint tensors": (["eval", str(tampered), "--eval-data", img, "--quiet"],
                                         "does not match its manifest"),
         "missing ONNX file": (["eval", str(tmp_path / "nope.onnx"), "--eval-data", img, "--quiet"],

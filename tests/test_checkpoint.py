@@ -71,3 +71,27 @@ def test_load_rejects_corrupt_or_foreign_directories(tmp_path):
     with pytest.raises(VitquantError, match="sha256 differs"):
         vitquant.load(tmp_path / "q")
     assert not list(tmp_path.glob(".q.*"))  # no temporary directory left behind
+
+
+def test_calibration_sample_travels_with_the_checkpoint(tmp_path):
+    """quantize --save stores the first calibration images (uint8 + normalisation) for the export
+    check; load returns them normalised, and refuses a tampered sample file."""
+    from vitquant.data import ImageSet
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    calib = ImageSet(images, None, ["a", "b", "c"], torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1),
+                     torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
+    model, _ = quantize(tiny_vit(), calib.tensors(), get_recipe("minmax"), progress=False)
+    manifest = vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS,
+                             calibration_sample=calib)
+    assert manifest["calibration_sample"]["num_images"] == 3
+    loaded = vitquant.load(tmp_path / "q")
+    assert torch.equal(loaded.vitquant_calibration_sample, calib.tensors())
+    vitquant.save(model, tmp_path / "none", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
+    assert vitquant.load(tmp_path / "none").vitquant_calibration_sample is None
+    f = tmp_path / "q" / "calibration_sample.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(VitquantError, match="calibration_sample.safetensors is missing or does not match"):
+        vitquant.load(tmp_path / "q")
