@@ -1,12 +1,14 @@
-"""Fake quantizers: uniform (all granularities), PTQ4ViT twin uniform, TSPTQ-ViT two-scaled."""
+"""Fake quantizers: uniform (all granularities), PTQ4ViT twin uniform, TSPTQ-ViT two-scaled,
+RepQ-ViT log2 / log-sqrt2."""
 from . import kernels
 from .base import Quantizer, grouped_scale
+from .log2 import LogQuantizer
 from .twin import TwinGeluQuantizer, TwinSoftmaxQuantizer
 from .two_scale import OutlierTwoScaleQuantizer, ValueTwoScaleQuantizer
 from .uniform import UniformQuantizer
 
 QUANTIZER_TYPES = {c.__name__: c for c in (UniformQuantizer, TwinSoftmaxQuantizer, TwinGeluQuantizer,
-                                            ValueTwoScaleQuantizer, OutlierTwoScaleQuantizer)}
+                                            ValueTwoScaleQuantizer, OutlierTwoScaleQuantizer, LogQuantizer)}
 
 __all__ = ["QUANTIZER_TYPES", "kernels", "Quantizer", "UniformQuantizer", "TwinSoftmaxQuantizer", "TwinGeluQuantizer",
-           "ValueTwoScaleQuantizer", "OutlierTwoScaleQuantizer", "grouped_scale"]
+           "ValueTwoScaleQuantizer", "OutlierTwoScaleQuantizer", "LogQuantizer", "grouped_scale"]

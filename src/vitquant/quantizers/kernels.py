@@ -92,6 +92,32 @@ def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmi
     return torch.where(in_fine, fine.mul_(s_fine), coarse.mul_(s_coarse))
 
 
+def log_codes(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float):
+    """Log-domain codes ``clamp(round(-k log2(x / s)), 0, levels - 1)`` and the values that flush to
+    0 (below the smallest level, or ``x <= 0``); RepQ-ViT Sec. 4.2."""
+    q = (x / s).log2().mul_(-per_octave).round_()
+    flush = ~(q < levels)  # also NaN / inf from x <= 0
+    return q.nan_to_num_(0.0).clamp_min_(0).clamp_max_(levels - 1), flush
+
+
+SQRT2_M1 = 0.41421356237309515  # sqrt(2) - 1
+
+
+def log_value(q: torch.Tensor, s: torch.Tensor, per_octave: float) -> torch.Tensor:
+    """``s 2^(-q / k)`` as RepQ-ViT's integer-friendly form ``s 2^(-ceil(q/k)) (1 + (q mod 2)(sqrt2 - 1))``
+    for ``k = 2`` (the same expression gives ``s 2^(-q)`` for ``k = 1``)."""
+    e = q / per_octave
+    up = torch.ceil(e)
+    return torch.pow(2.0, -up).mul_((up - e).mul_(2 * SQRT2_M1).add_(1)).mul_(s)
+
+
+def log_quant(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float) -> torch.Tensor:
+    """Log2 / log-sqrt2 quantize-dequantize (``vitquant.quantizers.log2``)."""
+    q, flush = log_codes(x, s, per_octave, levels)
+    v = log_value(q, s, per_octave)
+    return torch.where(flush, torch.zeros_like(v), v)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 
 _compiled: dict[Callable, Callable] = {}   # kernel function -> its torch.compile wrapper
