@@ -60,7 +60,7 @@ class SweepSpec:
 def _quantize_options() -> dict[str, list]:
     """dest -> argparse actions of every ``vitquant quantize`` option (``--ranking`` and
     ``--no-ranking`` share one dest)."""
-    from .cli import build_parser
+    from .options import build_parser
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     known: dict[str, list] = {}
