@@ -56,6 +56,12 @@ def test_round_trip_gives_identical_logits(recipe, family, tmp_path):
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["model"] == name
 
 
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_load_rejects_corrupt_or_foreign_directories(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     model, _ = quantize(tiny_vit(), x, get_recipe("minmax"), progress=False)
@@ -64,10 +70,7 @@ def test_load_rejects_corrupt_or_foreign_directories(tmp_path):
         vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
     with pytest.raises(VitquantError, match="not a vitquant checkpoint"):
         vitquant.load(tmp_path)
-    f = tmp_path / "q" / "model.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
-    f.write_bytes(bytes(data))
+    _flip_last_byte(tmp_path / "q" / "model.safetensors")
     with pytest.raises(VitquantError, match="sha256 differs"):
         vitquant.load(tmp_path / "q")
     assert not list(tmp_path.glob(".q.*"))  # no temporary directory left behind
@@ -89,9 +92,6 @@ def test_calibration_sample_travels_with_the_checkpoint(tmp_path):
     assert torch.equal(loaded.vitquant_calibration_sample, calib.tensors())
     vitquant.save(model, tmp_path / "none", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
     assert vitquant.load(tmp_path / "none").vitquant_calibration_sample is None
-    f = tmp_path / "q" / "calibration_sample.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-1] ^= 0xFF
-    f.write_bytes(bytes(data))
+    _flip_last_byte(tmp_path / "q" / "calibration_sample.safetensors")
     with pytest.raises(VitquantError, match="calibration_sample.safetensors is missing or does not match"):
         vitquant.load(tmp_path / "q")
