@@ -1,5 +1,10 @@
 """ONNX export (QDQ) and ONNX Runtime: same predictions as the simulated model, integer kernels."""
 import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -181,3 +186,40 @@ def test_int8_storage_modes_compute_the_same_codes(tmp_path, monkeypatch):
     assert len(msgs) == 1 and "fast.onnx" in msgs[0] and "no VNNI" in msgs[0]
     with pytest.raises(ValueError, match="int8 storage"):
         export_onnx(model, tmp_path / "bad.onnx", int8="int4")
+
+
+_ORT_RUNNER = """
+import json, sys, numpy as np, onnxruntime as ort
+so = ort.SessionOptions(); so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+so.log_severity_level = 3
+x, sim = np.load(sys.argv[1]), np.load(sys.argv[2])
+out = {}
+for path in sys.argv[3:]:
+    s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    out[path] = float(np.abs(s.run(None, {s.get_inputs()[0].name: x})[0] - sim).max())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64",
+                    reason="needs qemu-user (apt-get install qemu-user) on x86_64 to emulate an AVX2-only CPU")
+def test_exact_int8_storage_is_exact_on_an_avx2_only_cpu(tmp_path):
+    """ONNX Runtime under an emulated Haswell (AVX2, no AVX-512, no VNNI): the default uint8 storage
+    computes the simulated model; int8 storage (u8 x s8 kernels) saturates there."""
+    import numpy as np
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, _ = quantize(tiny_vit(), x, get_recipe("ptq4vit", 8, 8, **FAST), progress=False)
+    with torch.no_grad():
+        np.save(tmp_path / "sim.npy", model(x).numpy())
+    np.save(tmp_path / "x.npy", x.numpy())
+    export_onnx(model, tmp_path / "exact.onnx")
+    export_onnx(model, tmp_path / "fast.onnx", int8="fast")
+    (tmp_path / "run.py").write_text(_ORT_RUNNER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable), str(tmp_path / "run.py"),
+                           str(tmp_path / "x.npy"), str(tmp_path / "sim.npy"), str(tmp_path / "exact.onnx"),
+                           str(tmp_path / "fast.onnx")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    diff = json.loads(done.stdout.strip().splitlines()[-1])
+    assert diff[str(tmp_path / "exact.onnx")] < 1e-5
+    assert diff[str(tmp_path / "fast.onnx")] > 1e-3  # the emulated CPU really lacks VNNI
