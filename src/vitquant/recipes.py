@@ -12,10 +12,10 @@ from typing import Literal, Optional
 from .calibration.bias_correction import correct_bias
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
-from .nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp, _WeightOp
+from .nn.modules import QuantOp, _WeightOp
 from .nn.wrap import quant_ops
-from .quantizers import (OutlierTwoScaleQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
-                         UniformQuantizer, ValueTwoScaleQuantizer)
+from .quantizers import Quantizer
+from .sites import QuantizerSpec, build_from_table, spec
 
 
 @dataclass(frozen=True)
@@ -242,49 +242,44 @@ def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Qu
 
 
 # --------------------------------------------------------------------------------------------
-# Quantizer choice per op (what is quantized: the PTQ4ViT setting, see README)
+# Quantizer choice per site (what is quantized: the PTQ4ViT setting, see README and vitquant.sites)
+
+
+def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
+    """The config's table "site -> quantizer spec" (None: the site stays FP32)."""
+    act = dict(signed=cfg.signed_activations, percentile=cfg.percentile)
+    per_head = "head" if cfg.per_head_matmul else "tensor"
+    if cfg.gelu_twin:
+        post_gelu = spec("twin_gelu")
+    elif cfg.gelu_v2sf:
+        post_gelu = spec("v2sf", signed=True)
+    else:
+        post_gelu = spec("uniform", **act)
+    if cfg.softmax_twin:
+        post_softmax = spec("twin_softmax")
+    elif cfg.softmax_v2sf:
+        post_softmax = spec("v2sf", "a", per_head)
+    elif cfg.unsigned_softmax:
+        post_softmax = spec("uniform", "a", per_head, signed=False, percentile=cfg.percentile)
+    else:
+        post_softmax = spec("uniform", "a", per_head, **act)
+    layernorm = None
+    if cfg.quantize_layernorm:
+        layernorm = spec("o2sf") if cfg.layernorm_quantizer == "o2sf" else spec("uniform", **act)
+    return {
+        "patch_embed.weight": spec("uniform", "w", "channel"), "patch_embed.input": None,
+        "qkv.weight": spec("uniform", "w", "qkv"),
+        "linear.weight": spec("uniform", "w", "channel" if cfg.per_channel_weights else "tensor"),
+        "linear.input": spec("uniform", **act), "post_gelu": post_gelu,
+        "q": spec("uniform", "a", per_head, **act), "k": spec("uniform", "a", per_head, **act),
+        "post_softmax": post_softmax, "v": spec("uniform", "a", per_head, **act),
+        "layernorm.input": layernorm,
+    }
 
 
 def build_quantizers(op: QuantOp, cfg: QuantConfig) -> dict[str, Optional[Quantizer]]:
-    def act(groups=1, group_dim=None, signed=cfg.signed_activations):
-        return UniformQuantizer(cfg.a_bits, signed=signed, groups=groups, group_dim=group_dim,
-                                percentile=cfg.percentile)
-
-    if isinstance(op, QuantConv2d):  # patch embedding: per output channel, input (image) not quantized
-        return {"weight": UniformQuantizer(cfg.w_bits, groups=op.out_channels, group_dim=0), "input": None}
-    if isinstance(op, QuantLinear):
-        if op.role == "qkv":
-            wq = UniformQuantizer(cfg.w_bits, groups=3, group_dim=0)
-        elif cfg.per_channel_weights:
-            wq = UniformQuantizer(cfg.w_bits, groups=op.out_features, group_dim=0)
-        else:
-            wq = UniformQuantizer(cfg.w_bits)
-        post_gelu = getattr(op, "input_kind", None) == "post_gelu"
-        if cfg.gelu_twin and post_gelu:
-            iq = TwinGeluQuantizer(cfg.a_bits)
-        elif cfg.gelu_v2sf and post_gelu:
-            iq = ValueTwoScaleQuantizer(cfg.a_bits, signed=True)
-        else:
-            iq = act()
-        return {"weight": wq, "input": iq}
-    if isinstance(op, QuantMatMul):
-        heads = op.num_heads if cfg.per_head_matmul else 1
-        if op.role == "matmul_av" and cfg.softmax_twin:
-            a = TwinSoftmaxQuantizer(cfg.a_bits)
-        elif op.role == "matmul_av" and cfg.softmax_v2sf:
-            a = ValueTwoScaleQuantizer(cfg.a_bits, groups=heads, group_dim=1)
-        elif op.role == "matmul_av" and cfg.unsigned_softmax:
-            a = act(heads, 1, signed=False)
-        else:
-            a = act(heads, 1)
-        return {"a": a, "b": act(heads, 1)}
-    if isinstance(op, QuantLayerNorm):
-        if not cfg.quantize_layernorm:
-            return {"input": None}
-        if cfg.layernorm_quantizer == "o2sf":
-            return {"input": OutlierTwoScaleQuantizer(cfg.a_bits, op.channels)}
-        return {"input": act()}
-    raise TypeError(f"no quantizer rule for {type(op).__name__}")
+    """The quantizers ``cfg`` gives ``op``'s operands (through :func:`quantizer_table`)."""
+    return build_from_table(op, quantizer_table(cfg), cfg.w_bits, cfg.a_bits)
 
 
 def attach_quantizers(model, cfg: QuantConfig) -> None:
