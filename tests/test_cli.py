@@ -63,6 +63,9 @@ def test_quantize_writes_the_contract_json(method, sample_dir, checkpoint, tmp_p
         assert env["processor"]["isa"]["vnni"] == ("avx512_vnni" in flags or "avx_vnni" in flags)
     assert env["fused_kernels"]["fallback"] is None and r["fused_kernels"] == env["fused_kernels"]["enabled"]
     assert r["config"]["method"] == method and r["calib_data"]["names"] == r["calib_data"]["names"][:4]
+    assert r["pipeline"] == ["attach_quantizers", "calibrate"]  # what ran, and which quantizer each site got
+    assert r["quantizers_by_site"]["post_softmax"]["kind"] == {"ptq4vit": "twin_softmax", "tsptq": "v2sf"}.get(
+        method, "uniform") and r["quantizers_by_site"]["patch_embed.input"] is None
     assert r["model_size_mb"] < r["fp32_model_size_mb"]
     assert "top-1 FP32 / quant" in out
 
@@ -96,6 +99,7 @@ def test_liu2021_mixed_precision_json_and_plots(sample_dir, checkpoint, tmp_path
     r = json.loads(out.read_text())
     mp = r["mixed_precision"]
     assert r["config"]["mixed_precision"]["choices"] == [4, 6, 8]
+    assert r["pipeline"] == ["check_mixed_precision_budget", "calibrate_bit_widths", "allocate_bits"]
     assert len(mp["modules"]) == 2 * 12 and {m["kind"] for m in mp["modules"]} == {"msa", "mlp"}
     assert all(m["bits"] in (4, 6, 8) and m["nuclear_norm"] > 0 for m in mp["modules"])
     assert mp["size_mb"] <= mp["budget_mb"] + 1e-9 and mp["size_mb"] == pytest.approx(r["model_size_mb"], abs=1e-4)

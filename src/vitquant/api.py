@@ -53,16 +53,9 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
         wrap_model(model)
     model.eval()
     model.vitquant_config = cfg  # recorded by vitquant.save
-    if cfg.mixed_precision is not None:
-        mixed_precision_budget(model, cfg)  # an impossible budget fails now, not after calibrating
-        states, reports = calibrate_bit_widths(model, images, cfg, cfg.mixed_precision.calibration_bits(cfg.w_bits),
-                                               device, progress, checkpoint, memory)
-        return model, apply_mixed_precision(model, images, cfg, states, reports, progress)
-    attach_quantizers(model, cfg)
-    model.to(device)
-    report = calibrate(model, images, calibrate_op(cfg), need_grad=cfg.hessian, batch_size=cfg.batch_size,
-                       sequential=cfg.sequential, progress=progress, checkpoint=checkpoint, memory=memory)
-    return model, report
+    from .passes.pipeline import Context, pipeline_for, run_pipeline
+    ctx = Context(model, images, cfg, device, progress, checkpoint, memory)
+    return model, run_pipeline(pipeline_for(cfg), ctx)
 
 
 def run_fingerprint(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> dict:

@@ -1,0 +1,107 @@
+"""A recipe's ordered list of passes, and the runner ``vitquant.quantize`` uses.
+
+Each pass does one thing to the model given the calibration context; a config's pipeline is
+:func:`pipeline_for`. Today's passes:
+
+* ``attach_quantizers``: every operand gets the quantizer of its site (``recipes.quantizer_table``);
+* ``calibrate``: the one calibration engine, per block; per op it initialises the quantizers from
+  their data, runs the recipe's search and, where the recipe says so, the bias correction
+  (Eqs. 13-15, Liu et al. 2021) after every search round;
+* ``check_mixed_precision_budget``, ``calibrate_bit_widths``, ``allocate_bits`` (Sec. 3.3, Liu et
+  al. 2021; the allocation also re-measures the bias correction in the mixed model).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Context:
+    """What the passes share: the model, the calibration images, the config, run options, and what
+    earlier passes produced (``report``, per-bit-width ``states`` / ``reports``)."""
+    model: nn.Module
+    images: torch.Tensor
+    cfg: Any
+    device: Optional[torch.device] = None
+    progress: bool = False
+    checkpoint: Any = None
+    memory: Any = None
+    report: Any = None
+    states: dict = field(default_factory=dict)
+    reports: dict = field(default_factory=dict)
+
+
+class Pass:
+    """One step of a recipe pipeline."""
+    name = "pass"
+
+    def run(self, ctx: Context) -> None:
+        raise NotImplementedError
+
+
+class AttachQuantizers(Pass):
+    name = "attach_quantizers"
+
+    def run(self, ctx):
+        from ..recipes import attach_quantizers
+        attach_quantizers(ctx.model, ctx.cfg)
+        ctx.model.to(ctx.device)
+
+
+class Calibrate(Pass):
+    name = "calibrate"
+
+    def run(self, ctx):
+        from ..calibration.engine import calibrate
+        from ..recipes import calibrate_op
+        cfg = ctx.cfg
+        ctx.report = calibrate(ctx.model, ctx.images, calibrate_op(cfg), need_grad=cfg.hessian,
+                               batch_size=cfg.batch_size, sequential=cfg.sequential, progress=ctx.progress,
+                               checkpoint=ctx.checkpoint, memory=ctx.memory)
+
+
+class CheckMixedPrecisionBudget(Pass):
+    """An impossible size budget fails before any calibration."""
+    name = "check_mixed_precision_budget"
+
+    def run(self, ctx):
+        from ..api import mixed_precision_budget
+        mixed_precision_budget(ctx.model, ctx.cfg)
+
+
+class CalibrateBitWidths(Pass):
+    name = "calibrate_bit_widths"
+
+    def run(self, ctx):
+        from ..api import calibrate_bit_widths
+        cfg = ctx.cfg
+        ctx.states, ctx.reports = calibrate_bit_widths(ctx.model, ctx.images, cfg,
+                                                       cfg.mixed_precision.calibration_bits(cfg.w_bits), ctx.device,
+                                                       ctx.progress, ctx.checkpoint, ctx.memory)
+
+
+class AllocateBits(Pass):
+    name = "allocate_bits"
+
+    def run(self, ctx):
+        from ..api import apply_mixed_precision
+        ctx.report = apply_mixed_precision(ctx.model, ctx.images, ctx.cfg, ctx.states, ctx.reports, ctx.progress)
+
+
+def pipeline_for(cfg) -> list[Pass]:
+    """The ordered passes of ``cfg``."""
+    if cfg.mixed_precision is not None:
+        return [CheckMixedPrecisionBudget(), CalibrateBitWidths(), AllocateBits()]
+    return [AttachQuantizers(), Calibrate()]
+
+
+def run_pipeline(passes: list[Pass], ctx: Context):
+    """Run ``passes`` in order; the report records their names (``report.pipeline``)."""
+    for p in passes:
+        p.run(ctx)
+    ctx.report.pipeline = [p.name for p in passes]
+    return ctx.report
