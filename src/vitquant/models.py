@@ -103,12 +103,18 @@ def load_model(name: str, checkpoint: Optional[str | Path] = None, *, pretrained
     return model.eval(), info
 
 
+def input_size(model: nn.Module, default=None):
+    """``(H, W)`` the model was built for (its patch embedding's ``img_size``), else ``default``."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    return default if size is None else tuple(size)
+
+
 def data_config_for(model: nn.Module) -> dict:
     """timm's eval data config of ``model``, with the input size the model was built for (it
     differs from the pretrained config when ``img_size`` was changed)."""
     from timm.data import resolve_data_config
     cfg = resolve_data_config({}, model=model)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = input_size(model)
     if size is not None:
         cfg["input_size"] = (cfg["input_size"][0], *tuple(size))
     return cfg

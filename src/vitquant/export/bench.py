@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..models import input_size
 from ..nn.wrap import quantization_disabled
 from .onnx import OrtModel, export_onnx, integer_kernels
 
@@ -36,7 +37,7 @@ def benchmark_runtimes(model: nn.Module, batch_sizes: Sequence[int] = (1, 32), *
     the per-op fusion report of :func:`integer_kernels`."""
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    size = getattr(getattr(model, "patch_embed", None), "img_size", (224, 224))
+    size = input_size(model, (224, 224))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for mode in int8_modes:

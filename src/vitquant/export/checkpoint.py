@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import VitquantError
+from ..models import input_size
 from ..nn.modules import QuantOp, _WeightOp
 from ..nn.wrap import is_wrapped, quant_ops, wrap_model
 
@@ -54,7 +55,7 @@ def _quantized_weights(model: nn.Module) -> dict[str, _WeightOp]:
 
 def _model_args(model: nn.Module) -> dict:
     args = {"num_classes": int(getattr(model, "num_classes", 1000))}
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    size = input_size(model)
     if size is not None:
         args["img_size"] = int(size[0]) if size[0] == size[1] else list(size)
     return args

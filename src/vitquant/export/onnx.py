@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..io import _atomic
+from ..models import input_size
 from ..nn.wrap import quant_ops, quantization_disabled
 
 INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
@@ -72,7 +73,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
     import onnx
 
     from .verify import DEFAULT_TOLERANCE, ExportMismatch, check_export, describe
-    size = getattr(getattr(model, "patch_embed", None), "img_size", (224, 224))
+    size = input_size(model, (224, 224))
     example = torch.zeros(1, 3, *size)
     ctx = quantization_disabled(model) if fp32 else contextlib.nullcontext()
     model.eval()

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import VitquantError
+from ..models import input_size
 
 DEFAULT_TOLERANCE = 2.0
 PERTURBATION_DRAWS = 3
@@ -45,7 +46,7 @@ def verification_inputs(model: nn.Module, n: int = 8, seed: int = 0) -> tuple[to
     sample = getattr(model, "vitquant_calibration_sample", None)
     if sample is not None and len(sample):
         return sample[:n].float(), "calibration images"
-    size = tuple(getattr(getattr(model, "patch_embed", None), "img_size", (224, 224)))
+    size = input_size(model, (224, 224))
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, *size, generator=g), f"random inputs (seed {seed})"
 
