@@ -5,7 +5,7 @@ import torch
 
 from conftest import tiny_swin, tiny_vit
 from vitquant.nn import wrap_model
-from vitquant.passes import channel_factors, post_layernorm_pairs, reparameterize
+from vitquant.passes import channel_factors, minmax_grid, post_layernorm_pairs, reparameterize
 
 
 def _norm_outputs(model, x):
@@ -48,11 +48,14 @@ def test_fold_keeps_the_float_model_and_makes_per_tensor_codes_per_channel(make,
     folded = _norm_outputs(model, x)
     for n in names:
         lo, hi = ranges[n]
-        r, t, step, zero = channel_factors(lo, hi, 4)
-        assert torch.isfinite(folded[n]).all() and bool((r > 0).all()) and float(r[3]) == 1.0
-        s = r * step  # the per-channel steps the factors came from
-        z = (folded[n] / step).round() + zero
-        zc = (outs[n] / s).round() + ((-torch.minimum(lo, torch.zeros_like(lo)) / s).round())
+        step_c, zero_c, constant = minmax_grid(lo, hi, 4)
+        r, t, step, zero = channel_factors(step_c, zero_c, constant, lo)
+        assert torch.isfinite(folded[n]).all() and bool((r > 0).all()) and float(r[3]) == float(r[5]) == 1.0
+        assert constant[3] and constant[5] and int(constant.sum()) == 2
+        assert bool((folded[n][..., constant] == 0).all())  # constant channels move to exactly 0
+        live = ~constant
+        z = (folded[n][..., live] / step).round() + zero
+        zc = (outs[n][..., live] / step_c[live].float()).round() + zero_c[live].float()
         # same codes up to values within float rounding of a rounding boundary
         assert (z != zc).float().mean() < 1e-3, n
         assert int(z.min()) >= 0 and int(z.max()) <= 15  # the per-tensor 4-bit grid holds every value
@@ -60,4 +63,4 @@ def test_fold_keeps_the_float_model_and_makes_per_tensor_codes_per_channel(make,
 
 def test_channel_factors_reject_an_all_constant_activation():
     with pytest.raises(ValueError, match="every channel is constant"):
-        channel_factors(torch.zeros(8), torch.zeros(8), 4)
+        channel_factors(torch.zeros(8), torch.zeros(8), torch.ones(8, dtype=torch.bool), torch.zeros(8))

@@ -178,7 +178,7 @@ def run_quantize(args) -> dict:
         "calib_seconds": round(calib_seconds, 3), "gradient_seconds": round(report.gradient_seconds, 3),
         "fused_kernels": fused_kernels_enabled(),
         "config": cfg.to_dict(), "quantizers_by_site": _site_table(cfg),
-        "pipeline": getattr(report, "pipeline", None), "seed": args.seed, "calib_seed": args.calib_seed, "device": args.device,
+        "pipeline": getattr(report, "pipeline", None), "pass_info": getattr(report, "pass_info", None), "seed": args.seed, "calib_seed": args.calib_seed, "device": args.device,
         "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in data_config.items()},
         "calib_data": calib.describe() | {"list": calib_list, "names": calib.names},

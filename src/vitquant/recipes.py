@@ -115,6 +115,18 @@ class QuantConfig:
     mixed_precision: Optional[MixedPrecisionConfig] = None
     sequential: bool = False                # calibrate on quantized inputs instead of FP inputs
     batch_size: int = 4                     # images per forward pass while collecting data
+    # -- low-bit building blocks (RepQ-ViT, AdaLog) ----------------------------------------------
+    asymmetric: bool = False                # uniform quantizers with a zero point, weights and activations
+    mse_percentiles: Optional[tuple[float, ...]] = None  # each range: the percentile among these whose
+                                            # quantized operand has the least MSE (RepQ-ViT's initialisation)
+    softmax_log: Optional[Literal["log2", "log_sqrt2"]] = None  # log-domain post-softmax quantizer
+    log_zero: Literal["code", "extra"] = "code"  # log quantizer's zero: one of the 2^b codes, or an extra
+                                            # state (2^b levels + 0, RepQ-ViT's code; does not fit b bits)
+    reparameterize: bool = False            # post-LayerNorm inputs per channel, folded into the LayerNorm
+                                            # and the next Linear, deployed per tensor (RepQ-ViT, Sec. 4.1)
+    patch_embed_input_bits: Optional[int] = None  # quantize the image itself at this bit-width
+    calibration_unit: Literal["block", "op"] = "block"  # "op" with sequential: every op calibrated on
+                                            # the outputs of all earlier ops, quantized
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits"):
@@ -132,6 +144,29 @@ class QuantConfig:
             raise ValueError(f"unknown LayerNorm quantizer {self.layernorm_quantizer!r}; choose o2sf or uniform")
         if (self.softmax_v2sf or self.gelu_v2sf) and self.a_bits < 3:
             raise ValueError("V-2SF needs at least 3 activation bits")
+        if self.softmax_log is not None:
+            if self.softmax_log not in ("log2", "log_sqrt2"):
+                raise ValueError(f"unknown post-softmax log quantizer {self.softmax_log!r}; choose log2 or log_sqrt2")
+            if self.softmax_twin or self.softmax_v2sf:
+                raise ValueError("post-softmax gets one quantizer: turn twin uniform / V-2SF off for a log quantizer")
+        if self.log_zero not in ("code", "extra"):
+            raise ValueError(f"log_zero must be 'code' or 'extra', got {self.log_zero!r}")
+        if self.mse_percentiles is not None:
+            ps = tuple(float(p) for p in self.mse_percentiles)
+            if not ps or not all(50 < p <= 100 for p in ps):
+                raise ValueError(f"MSE-searched percentiles must be in (50, 100], got {self.mse_percentiles!r}")
+            object.__setattr__(self, "mse_percentiles", ps)
+        if self.patch_embed_input_bits is not None and not (
+                isinstance(self.patch_embed_input_bits, int) and 2 <= self.patch_embed_input_bits <= 16):
+            raise ValueError(f"patch-embedding input bits must be an integer in 2..16, got {self.patch_embed_input_bits!r}")
+        if self.calibration_unit not in ("block", "op"):
+            raise ValueError(f"calibration unit must be 'block' or 'op', got {self.calibration_unit!r}")
+        if self.reparameterize and self.quantize_layernorm:
+            raise ValueError("scale reparameterisation changes the LayerNorm affine; it cannot be combined with "
+                             "quantized LayerNorm inputs")
+        if self.mixed_precision is not None and (self.reparameterize or self.calibration_unit == "op"):
+            raise ValueError("mixed precision cannot be combined with scale reparameterisation or per-op "
+                             "sequential calibration")
         if self.mixed_precision is not None and self.w_bits != self.a_bits:
             raise ValueError("mixed precision gives weights and inputs of a module one bit-width; "
                              "use equal --w-bits and --a-bits")
@@ -176,6 +211,8 @@ def config_from_dict(d: dict) -> QuantConfig:
             if k == "mixed_precision" and sub.get("choices") is not None:
                 sub["choices"] = tuple(sub["choices"])
             d[k] = cls(**sub)
+    if d.get("mse_percentiles") is not None:
+        d["mse_percentiles"] = tuple(d["mse_percentiles"])
     return QuantConfig(**d)
 
 
@@ -221,6 +258,20 @@ def liu2021(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
                        ranking=RankingPearson(), bias_correction=True)
 
 
+def repq(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
+    """RepQ-ViT (Li et al. 2023), as its reference code: asymmetric uniform quantizers whose ranges
+    are the 99.9 / 99.99 / 99.999th percentile of least MSE; weights per output channel (head and
+    patch embedding included, at ``w_bits``); the image at 8 bits; post-LayerNorm activations per
+    channel, reparameterised to per tensor (Sec. 4.1); post-softmax log-sqrt2 (Sec. 4.2); every other
+    activation per tensor; each op calibrated once, in order, on the outputs of the quantized model
+    before it, on one batch of the calibration images; no search."""
+    return QuantConfig("repq", w_bits, a_bits, search=None, softmax_twin=False, gelu_twin=False,
+                       per_head_matmul=False, per_channel_weights=True, asymmetric=True,
+                       mse_percentiles=(99.9, 99.99, 99.999), softmax_log="log_sqrt2", log_zero="extra",
+                       reparameterize=True, patch_embed_input_bits=8, sequential=True, calibration_unit="op",
+                       batch_size=32)
+
+
 def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
     """TSPTQ-ViT: PTQ4ViT's Hessian-guided search with two-scaled factors, V-2SF for post-softmax
     and post-GELU, and the fully quantized setting: every LayerNorm input quantized with O-2SF."""
@@ -229,7 +280,7 @@ def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
 
 
 RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021,
-           "tsptq": tsptq}
+           "tsptq": tsptq, "repq": repq}
 
 
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
@@ -247,7 +298,14 @@ def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> Qu
 
 def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
     """The config's table "site -> quantizer spec" (None: the site stays FP32)."""
-    act = dict(signed=cfg.signed_activations, percentile=cfg.percentile)
+    if cfg.asymmetric:
+        act = dict(symmetric=False, percentile=cfg.percentile)
+        weight = dict(symmetric=False)
+    else:
+        act = dict(signed=cfg.signed_activations, percentile=cfg.percentile)
+        weight = {}
+    if cfg.mse_percentiles is not None:
+        act["mse_percentiles"] = weight["mse_percentiles"] = cfg.mse_percentiles
     per_head = "head" if cfg.per_head_matmul else "tensor"
     if cfg.gelu_twin:
         post_gelu = spec("twin_gelu")
@@ -259,6 +317,11 @@ def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
         post_softmax = spec("twin_softmax")
     elif cfg.softmax_v2sf:
         post_softmax = spec("v2sf", "a", per_head)
+    elif cfg.softmax_log is not None:
+        log = dict(per_octave=1 if cfg.softmax_log == "log2" else 2, zero=cfg.log_zero)
+        if cfg.mse_percentiles is not None:
+            log["mse_percentiles"] = cfg.mse_percentiles
+        post_softmax = spec("log", "a", per_head, **log)
     elif cfg.unsigned_softmax:
         post_softmax = spec("uniform", "a", per_head, signed=False, percentile=cfg.percentile)
     else:
@@ -266,11 +329,17 @@ def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
     layernorm = None
     if cfg.quantize_layernorm:
         layernorm = spec("o2sf") if cfg.layernorm_quantizer == "o2sf" else spec("uniform", **act)
+    linear_input = spec("uniform", **act)
+    channel = "channel" if cfg.per_channel_weights else "tensor"
     return {
-        "patch_embed.weight": spec("uniform", "w", "channel"), "patch_embed.input": None,
-        "qkv.weight": spec("uniform", "w", "qkv"),
-        "linear.weight": spec("uniform", "w", "channel" if cfg.per_channel_weights else "tensor"),
-        "linear.input": spec("uniform", **act), "post_gelu": post_gelu,
+        "patch_embed.weight": spec("uniform", "w", "channel", **weight),
+        "patch_embed.input": (None if cfg.patch_embed_input_bits is None
+                              else spec("uniform", cfg.patch_embed_input_bits, **act)),
+        "qkv.weight": spec("uniform", "w", "channel" if cfg.per_channel_weights else "qkv", **weight),
+        "linear.weight": spec("uniform", "w", channel, **weight),
+        # reparameterisation: calibrated per channel, folded to per tensor afterwards (passes.reparam)
+        "post_layernorm": spec("uniform", "a", "in_channel", **act) if cfg.reparameterize else linear_input,
+        "linear.input": linear_input, "post_gelu": post_gelu,
         "q": spec("uniform", "a", per_head, **act), "k": spec("uniform", "a", per_head, **act),
         "post_softmax": post_softmax, "v": spec("uniform", "a", per_head, **act),
         "layernorm.input": layernorm,

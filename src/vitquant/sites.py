@@ -7,7 +7,8 @@ A site names what an operand of a quantized op is, independently of the model fa
 | ``patch_embed.weight`` / ``patch_embed.input`` | patch-embedding conv weight / the image |
 | ``qkv.weight`` | the fused q/k/v projection weight |
 | ``linear.weight`` | every other Linear weight (proj, fc1, fc2, head, Swin reduction) |
-| ``linear.input`` | the input of a Linear that is not post-GELU (post-LayerNorm or after attention) |
+| ``post_layernorm`` | the input of qkv, fc1 and Swin's reduction: a LayerNorm's output |
+| ``linear.input`` | the input of every other Linear that is not post-GELU (proj, head) |
 | ``post_gelu`` | the input of fc2 (after GELU) |
 | ``q`` / ``k`` | operands of ``q @ k^T`` |
 | ``post_softmax`` / ``v`` | operands of ``attn @ v`` |
@@ -19,16 +20,19 @@ quantizer means one quantizer file plus a ``kind`` entry in :data:`KINDS`.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 from .nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp
 from .quantizers import (LogQuantizer, OutlierTwoScaleQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
                          UniformQuantizer, ValueTwoScaleQuantizer)
 
-SITES = ("patch_embed.weight", "patch_embed.input", "qkv.weight", "linear.weight", "linear.input", "post_gelu",
-         "q", "k", "post_softmax", "v", "layernorm.input")
+SITES = ("patch_embed.weight", "patch_embed.input", "qkv.weight", "linear.weight", "post_layernorm", "linear.input",
+         "post_gelu", "q", "k", "post_softmax", "v", "layernorm.input")
+POST_LAYERNORM_ROLES = ("qkv", "fc1", "reduction")
 
-Granularity = Literal["tensor", "head", "channel", "qkv"]
+# tensor: one scale; head: one per attention head; channel: one per output channel (weights);
+# in_channel: one per input channel (last dim of an activation); qkv: one each for W^Q, W^K, W^V
+Granularity = Literal["tensor", "head", "channel", "in_channel", "qkv"]
 
 
 def site_of(op: QuantOp, operand: str) -> str:
@@ -38,7 +42,9 @@ def site_of(op: QuantOp, operand: str) -> str:
     if isinstance(op, QuantLinear):
         if operand == "weight":
             return "qkv.weight" if op.role == "qkv" else "linear.weight"
-        return "post_gelu" if getattr(op, "input_kind", None) == "post_gelu" else "linear.input"
+        if getattr(op, "input_kind", None) == "post_gelu":
+            return "post_gelu"
+        return "post_layernorm" if op.role in POST_LAYERNORM_ROLES else "linear.input"
     if isinstance(op, QuantMatMul):
         return {("matmul_qk", "a"): "q", ("matmul_qk", "b"): "k", ("matmul_av", "a"): "post_softmax",
                 ("matmul_av", "b"): "v"}[(op.role, operand)]
@@ -54,6 +60,8 @@ def _groups(op: QuantOp, granularity: Granularity) -> dict:
         return {"groups": op.num_heads, "group_dim": 1} if op.num_heads > 1 else {}
     if granularity == "qkv":
         return {"groups": 3, "group_dim": 0}
+    if granularity == "in_channel":
+        return {"groups": op.in_features, "group_dim": -1}
     out = op.out_channels if isinstance(op, QuantConv2d) else op.out_features
     return {"groups": out, "group_dim": 0}
 
@@ -72,25 +80,28 @@ KINDS: dict[str, Callable[..., Quantizer]] = {
 @dataclass(frozen=True)
 class QuantizerSpec:
     """Which quantizer a site gets: its ``kind`` (:data:`KINDS`), whether it takes the weight or
-    activation bit-width, its granularity and constructor options (e.g. ``signed``)."""
+    activation bit-width (or a fixed one, e.g. 8 for the image), its granularity and constructor
+    options (e.g. ``signed``)."""
     kind: str
-    bits: Literal["w", "a"] = "a"
+    bits: Union[Literal["w", "a"], int] = "a"
     granularity: Granularity = "tensor"
     options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"unknown quantizer kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        if self.bits not in ("w", "a") and (isinstance(self.bits, bool) or not isinstance(self.bits, int)):
+            raise ValueError(f"quantizer bits must be 'w', 'a' or an integer, got {self.bits!r}")
 
     def build(self, op: QuantOp, w_bits: int, a_bits: int) -> Quantizer:
-        bits = w_bits if self.bits == "w" else a_bits
+        bits = {"w": w_bits, "a": a_bits}.get(self.bits, self.bits)
         return KINDS[self.kind](op, bits, _groups(op, self.granularity), **dict(self.options))
 
     def to_dict(self) -> dict:
         return asdict(self) | {"options": dict(self.options)}
 
 
-def spec(kind: str, bits: Literal["w", "a"] = "a", granularity: Granularity = "tensor", **options) -> QuantizerSpec:
+def spec(kind: str, bits: Union[Literal["w", "a"], int] = "a", granularity: Granularity = "tensor", **options) -> QuantizerSpec:
     """Shorthand: ``spec("uniform", "a", "head", signed=False)``."""
     return QuantizerSpec(kind, bits, granularity, tuple(sorted(options.items())))
 

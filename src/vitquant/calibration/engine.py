@@ -172,7 +172,7 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
 
 
 def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[str, QuantOp]],
-                      batch_size: int, quantized_inputs: bool) -> dict[str, OpData]:
+                      batch_size: int, quantized_inputs: bool, need_output: bool = True) -> dict[str, OpData]:
     """Inputs and FP outputs of ``ops`` (one calibration unit) on the calibration images; each
     forward pass stops after the unit's last op. Under torchrun each rank runs its share of the
     batches and the rows are summed across ranks (data-parallel collection; every rank then
@@ -180,6 +180,7 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
 
     With ``quantized_inputs`` ("sequential" mode) the inputs come from the model in which every
     earlier, already calibrated unit is quantized; the targets are still the FP model's outputs.
+    ``need_output=False``: no FP outputs (a recipe without search or bias correction), one forward.
     """
     names = [n for n, _ in ops]
     n_images = images.shape[0]
@@ -209,24 +210,26 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
                     pass
 
     if quantized_inputs:
-        forward(fp=True, inputs=False, output=True)
+        if need_output:
+            forward(fp=True, inputs=False, output=True)
         forward(fp=False, inputs=True, output=False)
     else:
-        forward(fp=True, inputs=True, output=True)
-    return {n: OpData(inputs=tuple(r.gathered() for r in inputs_of[n]), output=output_of[n].gathered())
-            for n in names}
+        forward(fp=True, inputs=True, output=need_output)
+    return {n: OpData(inputs=tuple(r.gathered() for r in inputs_of[n]),
+                      output=output_of[n].gathered() if need_output else None) for n in names}
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
-              *, need_grad: bool, batch_size: int = 4, sequential: bool = False,
-              progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None,
+              *, need_grad: bool, batch_size: int = 4, sequential: bool = False, unit: str = "block",
+              need_output: bool = True, progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None,
               memory: Optional[MemoryBudget] = None) -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
     (the recipe's per-op step: initialise quantizers, search, extras).
 
     ``checkpoint``: finished units are saved there and, on a rerun, loaded instead of calibrated
     (resumable calibration, bit-identical to an uninterrupted run). ``memory``: keep collected
-    activations within a budget (disk-backed when needed).
+    activations within a budget (disk-backed when needed). ``unit="op"``: every op is its own unit
+    (with ``sequential``: each op's inputs come from the model with all earlier ops quantized).
     Runs with eager quantization kernels: the search sees many tensor shapes, each of which a
     fused kernel would have to compile for; the fused kernels are for inference."""
     global _budget
@@ -234,7 +237,8 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
     try:
         with fused_kernels(False):
             report = _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
-                                sequential=sequential, progress=progress, checkpoint=checkpoint)
+                                sequential=sequential, unit=unit, need_output=need_output, progress=progress,
+                                checkpoint=checkpoint)
     finally:
         _budget = previous
     if memory is not None:
@@ -242,14 +246,14 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
     return report
 
 
-def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, progress,
+def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, unit, need_output, progress,
                checkpoint) -> CalibrationReport:
     from tqdm.auto import tqdm
 
     report = CalibrationReport()
     t0 = time.perf_counter()
     model.eval()
-    units = calibration_units(model)
+    units = calibration_units(model, per_op=unit == "op")
     report.collection_ranks = collection_shard(images.shape[0], batch_size)[1]
     done = {}
     if checkpoint is not None:
@@ -274,7 +278,8 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
                     grads.pop(name, None)
                 bar.update(len(ops))
                 continue
-            data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=sequential)
+            data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=sequential,
+                                     need_output=need_output)
             for name, op in ops:
                 bar.set_postfix_str(name)
                 t = time.perf_counter()

@@ -68,9 +68,11 @@ def quant_ops(model: nn.Module, active: bool = False) -> list[tuple[str, QuantOp
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantOp) and (not active or m.quantizers())]
 
 
-def calibration_units(model: nn.Module) -> list[tuple[str, list[tuple[str, QuantOp]]]]:
+def calibration_units(model: nn.Module, per_op: bool = False) -> list[tuple[str, list[tuple[str, QuantOp]]]]:
     """Quantized ops that have quantizers, grouped by transformer block (or patch merging);
-    other ops alone."""
+    other ops alone (``per_op``: every op alone)."""
+    if per_op:
+        return [(name, [(name, op)]) for name, op in quant_ops(model, active=True)]
     block_names = [n for n, m in model.named_modules() if type(m).__name__ in _BLOCK_TYPES]
     units: list[tuple[str, list]] = []
     for name, op in quant_ops(model, active=True):

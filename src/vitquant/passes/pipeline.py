@@ -7,6 +7,7 @@ Each pass does one thing to the model given the calibration context; a config's 
 * ``calibrate``: the one calibration engine, per block; per op it initialises the quantizers from
   their data, runs the recipe's search and, where the recipe says so, the bias correction
   (Eqs. 13-15, Liu et al. 2021) after every search round;
+* ``reparameterize``: RepQ-ViT's scale reparameterisation of post-LayerNorm activations;
 * ``check_mixed_precision_budget``, ``calibrate_bit_widths``, ``allocate_bits`` (Sec. 3.3, Liu et
   al. 2021; the allocation also re-measures the bias correction in the mixed model).
 """
@@ -33,6 +34,7 @@ class Context:
     report: Any = None
     states: dict = field(default_factory=dict)
     reports: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # what each pass reports, by pass name (result files)
 
 
 class Pass:
@@ -60,8 +62,20 @@ class Calibrate(Pass):
         from ..recipes import calibrate_op
         cfg = ctx.cfg
         ctx.report = calibrate(ctx.model, ctx.images, calibrate_op(cfg), need_grad=cfg.hessian,
-                               batch_size=cfg.batch_size, sequential=cfg.sequential, progress=ctx.progress,
+                               batch_size=cfg.batch_size, sequential=cfg.sequential, unit=cfg.calibration_unit,
+                               need_output=cfg.search is not None or cfg.bias_correction, progress=ctx.progress,
                                checkpoint=ctx.checkpoint, memory=ctx.memory)
+
+
+class Reparameterize(Pass):
+    """Scale reparameterisation of the post-LayerNorm activations (RepQ-ViT, Sec. 4.1): the
+    calibrated per-channel grids are folded into LayerNorm and Linear, the deployed quantizer is
+    per tensor, the folded weights' quantizers are re-initialised (``passes.reparam``)."""
+    name = "reparameterize"
+
+    def run(self, ctx):
+        from .reparam import reparameterize_calibrated
+        ctx.info[self.name] = reparameterize_calibrated(ctx.model)
 
 
 class CheckMixedPrecisionBudget(Pass):
@@ -96,12 +110,14 @@ def pipeline_for(cfg) -> list[Pass]:
     """The ordered passes of ``cfg``."""
     if cfg.mixed_precision is not None:
         return [CheckMixedPrecisionBudget(), CalibrateBitWidths(), AllocateBits()]
-    return [AttachQuantizers(), Calibrate()]
+    return [AttachQuantizers(), Calibrate()] + ([Reparameterize()] if cfg.reparameterize else [])
 
 
 def run_pipeline(passes: list[Pass], ctx: Context):
-    """Run ``passes`` in order; the report records their names (``report.pipeline``)."""
+    """Run ``passes`` in order; the report records their names (``report.pipeline``) and what
+    they reported (``report.pass_info``)."""
     for p in passes:
         p.run(ctx)
     ctx.report.pipeline = [p.name for p in passes]
+    ctx.report.pass_info = ctx.info
     return ctx.report

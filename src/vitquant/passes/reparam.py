@@ -12,8 +12,13 @@ quantized per tensor with ``(s~, z~)`` has exactly the per-channel codes of ``X`
 (``gamma' = gamma / r``, ``beta' = (beta - t) / r``) and undone in the next Linear's input columns
 (``W' = W diag(r)``, ``b' = b + W t``), so the float model is unchanged and the deployed quantizer is
 per tensor. A constant channel (LayerNorm weight exactly 0, as in the shared DeiT-T weights, e.g.
-``blocks.0.norm2`` channel 189) has no range (``s_c = 0``): it keeps ``r_c = 1`` and is shifted onto the
-grid like any other (RepQ-ViT's own code divides by zero there).
+``blocks.0.norm2`` channel 189) has no range (``s_c = 0``): it keeps ``r_c = 1`` and its value ``v_c``
+is shifted to exactly 0 (``t_c = v_c``, restored exactly through the bias); RepQ-ViT's own code
+divides by zero there.
+
+RepQ-ViT's code takes the per-tensor zero point as the unrounded mean of the ``z_c``; here it is
+rounded, which makes the folded per-tensor codes *equal* to the calibrated per-channel ones (the
+claim of Sec. 4.1) and keeps an integer zero point for deployment.
 """
 from __future__ import annotations
 
@@ -38,22 +43,30 @@ def post_layernorm_pairs(model: nn.Module) -> Iterator[tuple[str, nn.Module, lis
             yield f"{prefix}norm", m.norm, [(f"{prefix}reduction", m.reduction)]
 
 
-def channel_factors(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
-    """From per-channel ranges ``[lo, hi]`` of a post-LayerNorm activation: the factors ``r`` and
-    shifts ``t`` of the fold, and the per-tensor step ``s~`` and zero point ``z~`` that then give the
-    per-channel asymmetric ``bits``-bit codes (module docstring)."""
-    levels = 2 ** bits - 1
-    lo, hi = torch.minimum(lo.double(), torch.zeros_like(lo.double())), torch.maximum(hi.double(), torch.zeros_like(hi.double()))
-    s = (hi - lo) / levels
-    live = s > 0
+def minmax_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-channel asymmetric ``bits``-bit grid of ranges ``[lo, hi]`` (widened to contain 0):
+    step, zero point and which channels are constant (``lo == hi``: no range)."""
+    constant = hi.double() <= lo.double()
+    lo, hi = lo.double().clamp(max=0), hi.double().clamp(min=0)
+    step = (hi - lo) / (2 ** bits - 1)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    return step, torch.where(constant, torch.zeros_like(step), (-lo / safe).round()), constant
+
+
+def channel_factors(step: torch.Tensor, zero: torch.Tensor, constant: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+    """From a per-channel asymmetric grid (``step``, integer ``zero`` point) of a post-LayerNorm
+    activation: the factors ``r`` and shifts ``t`` of the fold, and the per-tensor step ``s~`` and zero
+    point ``z~`` that then give the same codes (module docstring). ``constant`` channels (no range)
+    hold ``value``; they get ``r = 1`` and move to exactly 0."""
+    step, zero, value = step.double(), zero.double(), value.double()
+    live = ~constant.bool()
     if not bool(live.any()):
-        raise ValueError("every channel is constant zero: nothing to reparameterise")
-    s_mean = float(s[live].mean())
-    s = torch.where(live, s, torch.full_like(s, s_mean))  # constant channel: the mean step, r = 1
-    z = (-lo / s).round().clamp(0, levels)
-    z_mean = int(round(float(z.mean())))
-    r = s / s_mean
-    t = -s * (z - z_mean)
+        raise ValueError("every channel is constant: nothing to reparameterise")
+    s_mean = float(step[live].mean())
+    z_mean = int(round(float(zero[live].mean())))
+    r = torch.where(live, step / s_mean, torch.ones_like(step))
+    t = torch.where(live, -step * (zero - z_mean), value)
     return r.float(), t.float(), s_mean, z_mean
 
 
@@ -79,18 +92,62 @@ def fold_channel_factors(norm: nn.Module, linears: list[nn.Module], r: torch.Ten
     norm.weight.div_(r)
 
 
+def _fold(norm: nn.Module, linears: list, step, zero, constant, value) -> dict:
+    r, t, s_mean, z_mean = channel_factors(step, zero, constant, value)
+    fold_channel_factors(norm, [lin for _, lin in linears], r, t)
+    return {"step": s_mean, "zero_point": z_mean, "constant_channels": int(constant.sum()),
+            "factor_range": [float(r.min()), float(r.max())], "linears": [n for n, _ in linears]}
+
+
 @torch.no_grad()
 def reparameterize(model: nn.Module, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], bits: int) -> dict:
     """Fold the channel factors of every post-LayerNorm activation named in ``ranges`` (LayerNorm
-    name -> per-channel (min, max) of its output on the calibration data) into ``model``; returns
-    per LayerNorm the per-tensor step and zero point that now quantize its output."""
+    name -> per-channel (min, max) of its output on the calibration data) into ``model``, with the
+    per-channel min-max grid at ``bits``; returns per LayerNorm the per-tensor step and zero point that
+    now quantize its output."""
     done = {}
     for name, norm, linears in post_layernorm_pairs(model):
-        if name not in ranges:
+        if name in ranges:
+            lo, hi = ranges[name]
+            step, zero, constant = minmax_grid(lo, hi, bits)
+            done[name] = _fold(norm, linears, step, zero, constant, lo)
+    return done
+
+
+@torch.no_grad()
+def reparameterize_calibrated(model: nn.Module) -> dict:
+    """The fold for a wrapped model whose post-LayerNorm inputs carry calibrated per-channel
+    asymmetric quantizers (recipe site ``post_layernorm``, granularity ``in_channel``): fold their
+    grids, give each Linear the equivalent per-tensor quantizer, and re-initialise the folded
+    Linears' weight quantizers on the new weights (RepQ-ViT's re-calibration). Returns what
+    :func:`reparameterize` returns."""
+    from ..quantizers import UniformQuantizer
+    from ..quantizers.uniform import MIN_STEP
+    done = {}
+    for name, norm, linears in post_layernorm_pairs(model):
+        quantizers = [lin.quantizer("input") for _, lin in linears]
+        q = quantizers[0]
+        if q is None:
             continue
-        lo, hi = ranges[name]
-        r, t, step, zero = channel_factors(lo, hi, bits)
-        fold_channel_factors(norm, [lin for _, lin in linears], r, t)
-        done[name] = {"step": step, "zero_point": zero, "constant_channels": int(((hi - lo) <= 0).sum()),
-                      "factor_range": [float(r.min()), float(r.max())]}
+        if len(linears) != 1 or not isinstance(q, UniformQuantizer) or q.symmetric or q.groups != q.lower.numel() \
+                or q.groups != linears[0][1].in_features:
+            raise ValueError(f"{name}: reparameterisation needs one following Linear with a per-channel "
+                             f"asymmetric uniform input quantizer")
+        if not q.calibrated:
+            raise ValueError(f"{name}: the input quantizer of {linears[0][0]} is not calibrated")
+        step = q.scale.detach().clone()
+        constant = step <= MIN_STEP
+        zero = torch.round(-q.lower / step)
+        done[name] = _fold(norm, linears, step, zero, constant, q.lower.detach().clone())
+        per_tensor = UniformQuantizer(q.bits, symmetric=False, percentile=q.percentile,
+                                      mse_percentiles=q.mse_percentiles).to(step.device)
+        s_mean, z_mean = done[name]["step"], done[name]["zero_point"]
+        per_tensor.set_scale(torch.tensor([s_mean]))
+        per_tensor.lower.fill_(-z_mean * float(per_tensor.scale))
+        lin = linears[0][1]
+        lin.set_quantizer("input", per_tensor)
+        wq = lin.weight_quantizer
+        if wq is not None:
+            wq.set_scale(wq.initial_scale(lin.weight.detach()))
+            lin.refresh()
     return done

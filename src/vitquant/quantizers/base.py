@@ -138,6 +138,20 @@ def group_rows(x: torch.Tensor, group_dim: int | None, groups: int) -> torch.Ten
     return x.movedim(group_dim % x.dim(), 0).reshape(groups, -1)
 
 
+def row_quantiles(rows: torch.Tensor, q: list[float]) -> torch.Tensor:
+    """Quantiles ``q`` (fractions in [0, 1]) of every row of ``rows [G, n]``: ``[len(q), G]``, with
+    linear interpolation between order statistics (``torch.quantile`` / ``numpy.percentile``'s
+    default), computed by one sort, so rows of any length work (``torch.quantile`` refuses more
+    than 2^24 elements)."""
+    v = rows.detach().float().sort(dim=1).values
+    n = v.shape[1]
+    pos = torch.tensor(q, dtype=torch.float64) * (n - 1)
+    lo = pos.floor()
+    below = v[:, lo.long()]
+    above = v[:, (lo + 1).clamp(max=n - 1).long()]
+    return below.lerp(above, (pos - lo).float()[None, :]).T
+
+
 def reduce_to_groups(x: torch.Tensor, group_dim: int | None, groups: int, op: str = "amax") -> torch.Tensor:
     """Reduce ``|x|`` (``op='amax'``) or ``x`` (``'max'``/``'min'``) to one value per group ``[G]``."""
     g = group_rows(x, group_dim, groups)

@@ -18,14 +18,19 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, reduce_to_groups
+from .base import Quantizer, group_rows, reduce_to_groups, row_quantiles
 
 class LogQuantizer(Quantizer):
     """Log2 (``per_octave=1``) or log-sqrt2 (``per_octave=2``) quantizer for non-negative values."""
 
     def __init__(self, bits: int, per_octave: int = 2, zero: str = "code", groups: int = 1,
-                 group_dim: int | None = None):
+                 group_dim: int | None = None, mse_percentiles: tuple[float, ...] | None = None):
         super().__init__(bits, groups, group_dim)
+        if mse_percentiles is not None:
+            mse_percentiles = tuple(float(p) for p in mse_percentiles)
+            if not mse_percentiles or not all(0 < p <= 100 for p in mse_percentiles):
+                raise ValueError(f"MSE-searched percentiles must be in (0, 100], got {mse_percentiles!r}")
+        self.mse_percentiles = mse_percentiles
         if per_octave not in (1, 2):
             raise ValueError(f"per_octave must be 1 (log2) or 2 (log-sqrt2), got {per_octave!r}")
         if zero not in ("code", "extra"):
@@ -49,7 +54,15 @@ class LogQuantizer(Quantizer):
         return torch.where(q >= self.levels, torch.zeros_like(value), value)
 
     def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The largest value: nothing saturates (the search scales it by ``[alpha, beta]``)."""
+        """The largest value: nothing saturates (the search scales it by ``[alpha, beta]``). With
+        ``mse_percentiles``: the percentile of ``x``, among these, whose quantized ``x`` has the least
+        mean squared error (RepQ-ViT's initialisation)."""
+        if self.mse_percentiles is not None:
+            rows = group_rows(x.detach().float(), self.group_dim, self.groups)
+            steps = row_quantiles(rows, [p / 100.0 for p in self.mse_percentiles]).clamp(min=1e-8)  # [P, G]
+            err = torch.stack([((kernels.log_quant(rows, s[:, None], float(self.per_octave), float(self.levels))
+                                 - rows) ** 2).mean(1) for s in steps])
+            return steps[err.argmin(0), torch.arange(rows.shape[0])]
         return reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max").clamp(min=1e-8).float()
 
     def export_parts(self, x):
@@ -66,7 +79,8 @@ class LogQuantizer(Quantizer):
         return [(kernels.log_quant(x, s, float(self.per_octave), float(self.levels)), None)]
 
     def spec(self) -> dict:
-        return super().spec() | {"per_octave": self.per_octave, "zero": self.zero}
+        return super().spec() | {"per_octave": self.per_octave, "zero": self.zero,
+                                 "mse_percentiles": self.mse_percentiles}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", {'log2' if self.per_octave == 1 else 'log-sqrt2'}, zero={self.zero}"

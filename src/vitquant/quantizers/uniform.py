@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, qdq_part, reduce_to_groups
+from .base import Quantizer, group_rows, qdq_part, reduce_to_groups, row_quantiles
+
+MIN_STEP = 1e-8  # the step of a group with no range (a constant channel)
 
 
 def group_percentile(x: torch.Tensor, q: float, group_dim: int | None, groups: int) -> torch.Tensor:
@@ -21,12 +23,21 @@ class UniformQuantizer(Quantizer):
     Codes: signed symmetric ``[-2^(b-1), 2^(b-1)-1]``; unsigned or asymmetric ``[0, 2^b-1]``
     (asymmetric dequantizes ``(q - z) D`` with ``z = round(-min / D)``).
     Initial interval ``D0 = m / (qmax + 0.5)`` with ``m = max|x|`` (``2^(b-1)-0.5`` in the
-    signed case, as PTQ4ViT) or a percentile of ``|x|``.
+    signed case, as PTQ4ViT) or a percentile of ``|x|``. With ``mse_percentiles`` each group's range
+    is the one, among these percentiles (asymmetric: ``[P_(100-p), P_p]``, ``D = range / (2^b - 1)``),
+    whose quantized operand has the least mean squared error (RepQ-ViT's initialisation); the range
+    need not contain 0 (the zero point may lie outside the codes).
     """
 
     def __init__(self, bits: int, *, signed: bool = True, symmetric: bool = True, groups: int = 1,
-                 group_dim: int | None = None, percentile: float | None = None):
+                 group_dim: int | None = None, percentile: float | None = None,
+                 mse_percentiles: tuple[float, ...] | None = None):
         super().__init__(bits, groups, group_dim)
+        if mse_percentiles is not None:
+            mse_percentiles = tuple(float(p) for p in mse_percentiles)
+            if not mse_percentiles or not all(50 < p <= 100 for p in mse_percentiles):
+                raise ValueError(f"MSE-searched percentiles must be in (50, 100], got {mse_percentiles!r}")
+        self.mse_percentiles = mse_percentiles
         self.signed = signed and symmetric
         self.symmetric = symmetric
         self.percentile = percentile
@@ -37,7 +48,7 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("lower", torch.zeros(groups))  # group minima, asymmetric only
 
     def _zero_point(self, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        return torch.clamp(torch.round(-self.grouped(self.lower, shape) / s), self.qmin, self.qmax)
+        return torch.round(-self.grouped(self.lower, shape) / s)
 
     def _codes(self, x, s, shape):
         q = (x / s).round_()
@@ -57,8 +68,32 @@ class UniformQuantizer(Quantizer):
         return kernels.run_kernel(kernels.uniform_affine, x, s, self._zero_point(s, shape), float(self.qmin),
                                   float(self.qmax), fused=fused)
 
+    def _mse_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Per group, the percentile range of least quantization MSE (RepQ-ViT); sets ``lower``."""
+        rows = group_rows(x.detach().float(), self.group_dim, self.groups)  # [G, n]
+        frac = [p / 100.0 for p in self.mse_percentiles]
+        if self.symmetric:
+            steps = row_quantiles(rows.abs(), frac) / (self.qmax + 0.5)
+            lows = torch.zeros_like(steps)
+            zeros = lows
+        else:
+            highs, lows = row_quantiles(rows, frac), row_quantiles(rows, [1.0 - f for f in frac])  # [P, G]
+            steps = (highs - lows) / (self.qmax - self.qmin)
+        steps = steps.clamp(min=MIN_STEP)
+        if not self.symmetric:
+            zeros = torch.round(-lows / steps)
+        s, z = steps[:, :, None], zeros[:, :, None]
+        err = [((kernels.uniform_affine(rows, s[i], z[i], float(self.qmin), float(self.qmax)) - rows) ** 2).mean(1)
+               for i in range(len(frac))]
+        best = torch.stack(err).argmin(0)  # the first of equal errors, as RepQ-ViT's strict "<"
+        pick = torch.arange(rows.shape[0])
+        self.lower.copy_(lows[best, pick])
+        return steps[best, pick]
+
     def initial_scale(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
+        if self.mse_percentiles is not None:
+            return self._mse_range(x)
         if not self.symmetric:
             hi = reduce_to_groups(x, self.group_dim, self.groups, "max").clamp(min=0)
             lo = reduce_to_groups(x, self.group_dim, self.groups, "min").clamp(max=0)
@@ -79,7 +114,8 @@ class UniformQuantizer(Quantizer):
         return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
 
     def spec(self) -> dict:
-        return super().spec() | {"signed": self.signed, "symmetric": self.symmetric, "percentile": self.percentile}
+        return super().spec() | {"signed": self.signed, "symmetric": self.symmetric, "percentile": self.percentile,
+                                 "mse_percentiles": self.mse_percentiles}
 
     def extra_repr(self) -> str:
         kind = "signed" if self.signed else ("unsigned" if self.symmetric else "asymmetric")
