@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Literal, Optional, Union
 
 from .nn.modules import QuantConv2d, QuantLayerNorm, QuantLinear, QuantMatMul, QuantOp
-from .quantizers import (LogQuantizer, OutlierTwoScaleQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
+from .quantizers import (AdaLogQuantizer, LogQuantizer, OutlierTwoScaleQuantizer, Quantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer,
                          UniformQuantizer, ValueTwoScaleQuantizer)
 
 SITES = ("patch_embed.weight", "patch_embed.input", "qkv.weight", "linear.weight", "post_layernorm", "linear.input",
@@ -74,6 +74,7 @@ KINDS: dict[str, Callable[..., Quantizer]] = {
     "v2sf": lambda op, bits, groups, **o: ValueTwoScaleQuantizer(bits, **groups, **o),
     "o2sf": lambda op, bits, groups, **o: OutlierTwoScaleQuantizer(bits, op.channels, **o),
     "log": lambda op, bits, groups, **o: LogQuantizer(bits, **groups, **o),
+    "adalog": lambda op, bits, groups, **o: AdaLogQuantizer(bits, **groups, **o),
 }
 
 

@@ -26,7 +26,9 @@ from ..nn.wrap import quant_ops, quantization_disabled
 
 INTEGER_OPS = ("MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "DynamicQuantizeMatMul", "QGemm",
                "QLinearConv", "ConvInteger", "QAttention")
-FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm")
+# float-activation matmuls; MatMulNBits is ONNX Runtime's weight-only low-bit kernel (float input,
+# packed <= 8-bit weight; FP32 input arithmetic in vitquant's sessions, see ``session``)
+FLOAT_MATMULS = ("MatMul", "FusedMatMul", "Gemm", "MatMulNBits")
 
 
 @contextlib.contextmanager
@@ -108,10 +110,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
 
 
 def session(path: str | os.PathLike, threads: Optional[int] = None, optimized_path: Optional[str] = None):
-    """An ONNX Runtime CPU session (all graph optimisations, so QDQ pairs fuse into integer kernels)."""
+    """An ONNX Runtime CPU session (all graph optimisations, so QDQ pairs fuse into integer kernels).
+
+    A dequantized low-bit weight feeding a *float* MatMul (a Linear whose input quantizer has no
+    integer form, e.g. AdaLog after GELU) is fused by ONNX Runtime into ``MatMulNBits``, which by
+    default (``session.qdq_matmulnbits_accuracy_level`` 4) quantizes its float input to int8 on the
+    fly: a quantization the model was never calibrated with. vitquant's sessions set the level to 1
+    (FP32 input), so the graph computes what was calibrated; run exported files the same way."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     so.log_severity_level = 3
     if threads:
         so.intra_op_num_threads = threads

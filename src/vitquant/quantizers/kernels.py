@@ -118,6 +118,34 @@ def log_quant(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float
     return torch.where(flush, torch.zeros_like(v), v)
 
 
+def adalog_codes(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, levels: float):
+    """AdaLog codes ``clamp(round(-log2((x + shift) / s) r / q), 0, levels - 1)`` (base ``2^(q/r)``)
+    of the shifted, range-clamped input, and the values that flush to the bottom (AdaLog, Eq. 4)."""
+    y = ((x + shift) / s).clamp_(1e-15, 1.0)
+    c = y.log2_().mul_(-r).div_(q).round_()
+    flush = ~(c < levels)
+    return c.clamp_(0.0, levels - 1), flush
+
+
+def adalog_value(c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, k: float) -> torch.Tensor:
+    """``s 2^(-floor(c q / r)) T[(c q) mod r] - shift``: an integer shift times a mantissa from a
+    table of ``r`` entries ``T[j] = round(2^(-j / r) k) / k`` (AdaLog's hardware-friendly form; the
+    table is computed elementwise, ``k = 2^(b+1) - 2``)."""
+    e = c * q
+    octave = torch.floor(e / r)
+    j = e - octave * r
+    mantissa = torch.pow(2.0, j / -r).mul_(k).round_().div_(k)
+    return torch.pow(2.0, -octave).mul_(mantissa).mul_(s).sub_(shift)
+
+
+def adalog_quant(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, levels: float,
+                 k: float) -> torch.Tensor:
+    """AdaLog quantize-dequantize (``vitquant.quantizers.adalog``); flushed values become ``-shift``."""
+    c, flush = adalog_codes(x, s, q, shift, r, levels)
+    v = adalog_value(c, s, q, shift, r, k)
+    return torch.where(flush, torch.full_like(v, -shift), v)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 
 _compiled: dict[Callable, Callable] = {}   # kernel function -> its torch.compile wrapper
