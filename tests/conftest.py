@@ -21,6 +21,48 @@ def tiny_swin():
                            num_heads=(2, 4), num_classes=10).eval()
 
 
+TINY_VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+
+
+def fused_and_eager(monkeypatch, quantizer, x):
+    """``(eager, fused)`` outputs of ``quantizer`` on ``x``, with a fresh kernel-verification state."""
+    from vitquant.quantizers import kernels
+    monkeypatch.setattr(kernels, "_verified", {})
+    monkeypatch.setitem(kernels._state, "failed", None)
+    return eager_and_fused(quantizer, x)
+
+
+def eager_and_fused(quantizer, x):
+    """``(eager, fused)`` outputs of ``quantizer`` on ``x`` (inference: no autograd)."""
+    from vitquant.quantizers import kernels
+    with torch.no_grad():
+        with kernels.fused_kernels(False):
+            eager = quantizer(x)
+        with kernels.fused_kernels(True):
+            fused = quantizer(x)
+    return eager, fused
+
+
+def quantized_tiny_vit(x, bits=4):
+    """A tiny ViT quantized with the base recipe (fast search), on images ``x``."""
+    from vitquant import get_recipe, quantize
+    return quantize(tiny_vit(), x, get_recipe("base", bits, bits, rounds=1, num_candidates=8), progress=False)[0]
+
+
+def save_load_export(model, folder, x):
+    """Save ``model`` (a tiny ViT), load it, export the loaded one (checked) and run it in ONNX
+    Runtime: ``(loaded, loaded(x), ORT output, per-op kernel kinds)``."""
+    import vitquant
+    from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
+    vitquant.save(model, folder / "q", model_name="vit_tiny_patch16_224", model_args=TINY_VIT_ARGS)
+    loaded = vitquant.load(folder / "q")
+    with torch.no_grad():
+        out = loaded(x)
+    info = export_onnx(loaded, folder / "q.onnx")
+    assert info["check"]["ok"]
+    return loaded, out, OrtModel(folder / "q.onnx")(x), integer_kernels(folder / "q.onnx", loaded)["ops"]
+
+
 def write_images(folder, names, size=(40, 36), seed=0):
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from conftest import fused_and_eager, quantized_tiny_vit, save_load_export
 from vitquant.quantizers import QUANTIZER_TYPES, AdaLogQuantizer
 from vitquant.quantizers.adalog import GELU_SHIFT
 
@@ -71,26 +72,16 @@ def test_integer_base_and_rebuild_from_spec():
 
 def test_fused_adalog_kernel_equals_eager(monkeypatch):
     from vitquant.quantizers import kernels
-    monkeypatch.setattr(kernels, "_verified", {})
-    monkeypatch.setitem(kernels._state, "failed", None)
     x = torch.nn.functional.gelu(torch.randn(2, 17, 40, generator=torch.Generator().manual_seed(1)) * 2)
     q = AdaLogQuantizer(4, shift=GELU_SHIFT)
     q.set_scale(torch.tensor([[2.5, 45.0]]))
-    with torch.no_grad():
-        with kernels.fused_kernels(False):
-            eager = q(x)
-        with kernels.fused_kernels(True):
-            fused = q(x)
+    eager, fused = fused_and_eager(monkeypatch, q, x)
     assert torch.equal(eager, fused) and kernels.kernel_status()["fallback"] is None
 
 
 def test_adalog_quantized_model_saves_loads_and_exports(tmp_path):
-    import vitquant
-    from conftest import tiny_vit
-    from vitquant import get_recipe, quantize
-    from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model, _ = quantize(tiny_vit(), x, get_recipe("base", 4, 4, rounds=1, num_candidates=8), progress=False)
+    model = quantized_tiny_vit(x)
     with torch.no_grad():
         for blk in model.blocks:  # AdaLog on post-softmax (range 1) and post-GELU (shifted)
             soft = AdaLogQuantizer(4, fixed_range=True)
@@ -100,18 +91,12 @@ def test_adalog_quantized_model_saves_loads_and_exports(tmp_path):
             gelu.set_scale(torch.tensor([[3.0, 50.0]]))
             blk.mlp.fc2.set_quantizer("input", gelu)
         expect = model(x)
-    vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224",
-                  model_args=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
-    loaded = vitquant.load(tmp_path / "q")
-    assert isinstance(loaded.blocks[1].mlp.fc2.input_quantizer, AdaLogQuantizer)
-    assert loaded.blocks[1].mlp.fc2.input_quantizer.shift == GELU_SHIFT
-    with torch.no_grad():
-        assert torch.equal(loaded(x), expect)
     # fc2's input stays float, so ONNX Runtime fuses its dequantized 4-bit weight into MatMulNBits,
     # which by default quantizes that input to int8 on the fly; vitquant's session turns this off
-    # (export.onnx.session), and the graph then computes the simulation
-    info = export_onnx(loaded, tmp_path / "q.onnx")
-    assert info["check"]["ok"]
-    torch.testing.assert_close(OrtModel(tmp_path / "q.onnx")(x), expect, rtol=1e-3, atol=1e-4)
-    ops = integer_kernels(tmp_path / "q.onnx", loaded)["ops"]
+    # (export.onnx.session), and the checked export then computes the simulation
+    loaded, out, ort_out, ops = save_load_export(model, tmp_path, x)
+    assert isinstance(loaded.blocks[1].mlp.fc2.input_quantizer, AdaLogQuantizer)
+    assert loaded.blocks[1].mlp.fc2.input_quantizer.shift == GELU_SHIFT
+    assert torch.equal(out, expect)
+    torch.testing.assert_close(ort_out, expect, rtol=1e-3, atol=1e-4)
     assert ops["blocks.0.attn.matmul_av"] == "float" and ops["blocks.0.mlp.fc2"] == "float"

@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from conftest import tiny_swin, tiny_vit
+from conftest import eager_and_fused, tiny_swin, tiny_vit
 from vitquant.quantizers import (OutlierTwoScaleQuantizer, TwinGeluQuantizer, TwinSoftmaxQuantizer, UniformQuantizer,
                                  ValueTwoScaleQuantizer, kernels)
 
@@ -17,15 +17,6 @@ def _with_ties(x: torch.Tensor, step: float) -> torch.Tensor:
     ties = ((k + 0.5) * step)[torch.randint(0, 600, (flat.numel() // 4,), generator=torch.Generator().manual_seed(1))]
     flat[: ties.numel()] = ties
     return x
-
-
-def _both(q, x):
-    with torch.no_grad():
-        with kernels.fused_kernels(False):
-            eager = q(x)
-        with kernels.fused_kernels(True):
-            fused = q(x)
-    return eager, fused
 
 
 def _cases():
@@ -67,7 +58,7 @@ def _cases():
 
 @pytest.mark.parametrize("name,quantizer,x", list(_cases()), ids=[c[0] for c in _cases()])
 def test_fused_kernel_equals_eager_bitwise(name, quantizer, x):
-    eager, fused = _both(quantizer, x)
+    eager, fused = eager_and_fused(quantizer, x)
     assert kernels._state["failed"] is None, kernels._state["failed"]
     assert kernels._compiled  # the fused path really ran
     assert torch.equal(eager, fused), f"{name}: {(eager != fused).sum()} of {eager.numel()} values differ"
@@ -80,7 +71,7 @@ def test_quantized_model_logits_identical_with_and_without_fusion(make):
     model = make()
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     quantize(model, images[:2], "ptq4vit", progress=False)
-    eager, fused = _both(model, images)
+    eager, fused = eager_and_fused(model, images)
     assert torch.equal(eager, fused)
 
 
@@ -132,7 +123,7 @@ def test_one_kernel_at_several_bit_widths_stays_exact(fresh_kernels):
     for bits in (6, 8, 4, 8):
         q = TwinSoftmaxQuantizer(bits)
         q.set_scale(torch.tensor([2.0 ** -11]))
-        eager, fused = _both(q, attn)
+        eager, fused = eager_and_fused(q, attn)
         assert torch.equal(eager, fused), f"{bits} bits: {(eager != fused).sum()} values differ"
     status = kernels.kernel_status()
     assert status["fallback"] is None and status["enabled"] and status["verified_variants"] >= 1

@@ -4,9 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_vit
-import vitquant
-from vitquant import get_recipe, quantize
+from conftest import fused_and_eager, quantized_tiny_vit, save_load_export
 from vitquant.quantizers import LogQuantizer, kernels
 
 
@@ -53,38 +51,25 @@ def test_relative_error_is_bounded_by_half_a_grid_step_over_the_whole_range(per_
 
 
 def test_fused_log_kernel_equals_eager(monkeypatch):
-    monkeypatch.setattr(kernels, "_verified", {})
-    monkeypatch.setitem(kernels._state, "failed", None)
     attn = (torch.randn(2, 3, 17, 17, generator=torch.Generator().manual_seed(1)) * 4).softmax(-1)
     q = LogQuantizer(4, groups=3, group_dim=1)
     q.set_scale(torch.tensor([0.9, 0.5, 0.25]))
-    with torch.no_grad():
-        with kernels.fused_kernels(False):
-            eager = q(attn)
-        with kernels.fused_kernels(True):
-            fused = q(attn)
+    eager, fused = fused_and_eager(monkeypatch, q, attn)
     assert torch.equal(eager, fused) and kernels.kernel_status()["fallback"] is None
 
 
 def test_log_quantized_model_saves_loads_and_exports(tmp_path):
-    from vitquant.export.onnx import OrtModel, export_onnx, integer_kernels
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    model, _ = quantize(tiny_vit(), x, get_recipe("base", 4, 4, rounds=1, num_candidates=8), progress=False)
+    model = quantized_tiny_vit(x)
     with torch.no_grad():
         for blk in model.blocks:  # a log-sqrt2 post-softmax operand in place of the uniform one
             q = LogQuantizer(4)
             q.set_scale(torch.tensor([0.8]))
             blk.attn.matmul_av.set_quantizer("a", q)
         expect = model(x)
-    vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224",
-                  model_args=dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10))
-    loaded = vitquant.load(tmp_path / "q")
+    loaded, out, ort_out, ops = save_load_export(model, tmp_path, x)
     assert isinstance(loaded.blocks[0].attn.matmul_av.a_quantizer, LogQuantizer)
-    with torch.no_grad():
-        assert torch.equal(loaded(x), expect)
-    info = export_onnx(loaded, tmp_path / "q.onnx")
-    assert info["check"]["ok"]
-    torch.testing.assert_close(OrtModel(tmp_path / "q.onnx")(x), expect, rtol=1e-3, atol=1e-4)
-    ops = integer_kernels(tmp_path / "q.onnx", loaded)["ops"]
+    assert torch.equal(out, expect)
+    torch.testing.assert_close(ort_out, expect, rtol=1e-3, atol=1e-4)
     assert ops["blocks.0.attn.matmul_av"] == "float" and ops["blocks.0.attn.qkv"] == "integer"
     assert not math.isnan(float(expect.sum()))
