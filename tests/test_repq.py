@@ -159,3 +159,19 @@ def test_repq_round_trip_is_bit_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), expect)
     assert loaded.vitquant_config == cfg
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_repq_model_exports_with_integer_kernels(tmp_path, bits):
+    """Asymmetric per-tensor activations (uint8 zero points) and per-channel asymmetric weights run
+    as integer kernels in ONNX Runtime and compute the simulated model (the export check)."""
+    from conftest import save_load_export
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model, _ = quantize(tiny_vit(), x, get_recipe("repq", bits, bits), progress=False)
+    with torch.no_grad():
+        expect = model(x)
+    _, out, ort_out, ops = save_load_export(model, tmp_path, x)
+    assert torch.equal(out, expect)
+    torch.testing.assert_close(ort_out, expect, rtol=1e-3, atol=1e-3)
+    assert ops["blocks.0.attn.qkv"] == "integer" and ops["blocks.0.mlp.fc2"] == "integer"
+    assert ops["blocks.0.attn.matmul_qk"] == "integer" and ops["blocks.0.attn.matmul_av"] == "float"  # log-sqrt2

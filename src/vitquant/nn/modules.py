@@ -35,23 +35,27 @@ class _ExportWeight:
     """Integer weight codes, their steps and the channel axis (a plain object: ONNX tracing passes
     it to the symbolic function untouched)."""
 
-    def __init__(self, codes: torch.Tensor, steps: torch.Tensor, axis: int):
-        self.codes, self.steps, self.axis = codes, steps, axis
+    def __init__(self, codes: torch.Tensor, steps: torch.Tensor, axis: int, zero: Optional[torch.Tensor] = None):
+        self.codes, self.steps, self.axis, self.zero = codes, steps, axis, zero
 
 
 class _DequantizedWeight(torch.autograd.Function):
-    """``codes * steps`` in PyTorch; ``DequantizeLinear(int8 codes, steps, axis)`` in ONNX."""
+    """``(codes - zero) * steps`` in PyTorch; ``DequantizeLinear(8-bit codes, steps, zero, axis)`` in ONNX
+    (asymmetric weights: uint8 codes and per-channel zero points)."""
 
     @staticmethod
     def forward(ctx, anchor, w: _ExportWeight):
         shape = [1] * w.codes.dim()
         shape[w.axis] = -1
-        return w.codes.float() * w.steps.reshape(shape)
+        codes = w.codes.float() if w.zero is None else w.codes.float() - w.zero.float().reshape(shape)
+        return codes * w.steps.reshape(shape)
 
     @staticmethod
     def symbolic(g, anchor, w: _ExportWeight):
         from ..quantizers.base import EXPORT_STORAGE
-        if EXPORT_STORAGE["mode"] == "exact":  # uint8 code + 128 (see EXPORT_STORAGE)
+        if w.zero is not None:  # asymmetric: codes in [0, 2^b - 1], zero points in [0, 255]
+            codes, zero = w.codes.to(torch.uint8), w.zero.to(torch.uint8)
+        elif EXPORT_STORAGE["mode"] == "exact":  # uint8 code + 128 (see EXPORT_STORAGE)
             codes, zero = (w.codes.to(torch.int16) + 128).to(torch.uint8), torch.full(w.steps.shape, 128, dtype=torch.uint8)
         else:
             codes, zero = w.codes, torch.zeros(w.steps.shape, dtype=torch.int8)
@@ -159,13 +163,25 @@ class _WeightOp(QuantOp):
         self._export = None
         if not self._applies(wq):
             return
-        if wq.qmin < -128 or wq.qmax > 127:
-            raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit int8; ONNX export "
+        asymmetric = not getattr(wq, "symmetric", True)
+        if (wq.qmin, wq.qmax) != (max(wq.qmin, 0 if asymmetric else -128), min(wq.qmax, 255 if asymmetric else 127)):
+            raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit 8 bits; ONNX export "
                              "supports weights of <= 8 bits")
         with torch.no_grad():
-            codes = wq.quantize(self.weight.detach()).to(torch.int8)
-            steps = wq.scale.detach().float().repeat_interleave(self.weight.shape[0] // wq.scale.numel())
-        self._export = _ExportWeight(codes.t().contiguous() if transpose else codes, steps.contiguous(), int(transpose))
+            codes = wq.quantize(self.weight.detach())
+            per = self.weight.shape[0] // wq.scale.numel()
+            steps = wq.scale.detach().float().repeat_interleave(per)
+            zero = None
+            if asymmetric:
+                zero = torch.round(-wq.lower.detach() / wq.scale.detach()).repeat_interleave(per)
+                if bool((zero < 0).any() or (zero > 255).any()):
+                    raise ValueError(f"{self.role}: a weight zero point lies outside [0, 255]; it cannot be "
+                                     "stored in uint8")
+                zero = zero.to(torch.int16)
+            else:
+                codes = codes.to(torch.int8)
+        self._export = _ExportWeight(codes.t().contiguous() if transpose else codes, steps.contiguous(), int(transpose),
+                                     zero)
 
     def export_weight(self, anchor: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """The weight for ONNX export (``[in, out]`` with ``transpose``): int8 codes and a

@@ -213,6 +213,18 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, 
     return torch.fake_quantize_per_channel_affine(x, per, torch.zeros_like(per, dtype=torch.int32), d, lo, hi)
 
 
+def qdq_affine(x: torch.Tensor, scale: torch.Tensor, zero: float, qmin: int, qmax: int) -> torch.Tensor:
+    """``(clamp(round(x / s) + z, qmin, qmax) - z) s`` (one step ``s``, zero point ``z``) as the ops
+    ONNX export maps to QuantizeLinear / DequantizeLinear with a uint8 zero point: ``x`` is first
+    clipped to the codes' range, so the uint8 codes ``round(x / s) + z`` stay in ``[qmin, qmax]``."""
+    s, z = float(_constant(scale)[0]), int(zero)
+    if not 0 <= z <= 255 or qmin < 0 or qmax > 255:
+        raise ValueError(f"an asymmetric quantizer with zero point {z} and codes [{qmin}, {qmax}] does not fit "
+                         "uint8; it cannot be exported to ONNX")
+    x = x.clamp((qmin - z) * s, (qmax - z) * s)
+    return torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
+
+
 def qdq_part(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int):
     """:func:`qdq` as an ``(part, factor)`` pair: per-tensor steps stay in the QDQ (factor None);
     per-group steps are factored out, ``qdq(x / s_g, 1) * s_g``, so that the QDQ has one scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, qdq_part, reduce_to_groups, row_quantiles
+from .base import Quantizer, group_rows, qdq_affine, qdq_part, reduce_to_groups, row_quantiles
 
 MIN_STEP = 1e-8  # the step of a group with no range (a constant channel)
 
@@ -110,7 +110,11 @@ class UniformQuantizer(Quantizer):
 
     def export_parts(self, x):
         if not self.symmetric:
-            raise NotImplementedError("asymmetric uniform quantizers cannot be exported to ONNX yet")
+            if self.groups != 1:
+                raise NotImplementedError("asymmetric activation quantizers with several groups cannot be exported "
+                                          "to ONNX (reparameterise them to per tensor first)")
+            zero = float(torch.round(-self.lower[0] / self.scale[0]))
+            return [(qdq_affine(x, self.scale, zero, self.qmin, self.qmax), None)]
         return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
 
     def spec(self) -> dict:
