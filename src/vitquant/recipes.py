@@ -15,6 +15,7 @@ from .calibration.search import OpData, alternating_search
 from .nn.modules import QuantOp, _WeightOp
 from .nn.wrap import quant_ops
 from .quantizers import Quantizer
+from .quantizers.base import percentile_tuple
 from .sites import QuantizerSpec, build_from_table, spec
 
 
@@ -152,10 +153,7 @@ class QuantConfig:
         if self.log_zero not in ("code", "extra"):
             raise ValueError(f"log_zero must be 'code' or 'extra', got {self.log_zero!r}")
         if self.mse_percentiles is not None:
-            ps = tuple(float(p) for p in self.mse_percentiles)
-            if not ps or not all(50 < p <= 100 for p in ps):
-                raise ValueError(f"MSE-searched percentiles must be in (50, 100], got {self.mse_percentiles!r}")
-            object.__setattr__(self, "mse_percentiles", ps)
+            object.__setattr__(self, "mse_percentiles", percentile_tuple(self.mse_percentiles, 50))
         if self.patch_embed_input_bits is not None and not (
                 isinstance(self.patch_embed_input_bits, int) and 2 <= self.patch_embed_input_bits <= 16):
             raise ValueError(f"patch-embedding input bits must be an integer in 2..16, got {self.patch_embed_input_bits!r}")

@@ -164,7 +164,8 @@ class _WeightOp(QuantOp):
         if not self._applies(wq):
             return
         asymmetric = not getattr(wq, "symmetric", True)
-        if (wq.qmin, wq.qmax) != (max(wq.qmin, 0 if asymmetric else -128), min(wq.qmax, 255 if asymmetric else 127)):
+        lo, hi = (0, 255) if asymmetric else (-128, 127)  # uint8 codes with zero points, or int8 codes
+        if wq.qmin < lo or wq.qmax > hi:
             raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit 8 bits; ONNX export "
                              "supports weights of <= 8 bits")
         with torch.no_grad():
@@ -173,7 +174,7 @@ class _WeightOp(QuantOp):
             steps = wq.scale.detach().float().repeat_interleave(per)
             zero = None
             if asymmetric:
-                zero = torch.round(-wq.lower.detach() / wq.scale.detach()).repeat_interleave(per)
+                zero = wq.zero_points().detach().repeat_interleave(per)
                 if bool((zero < 0).any() or (zero > 255).any()):
                     raise ValueError(f"{self.role}: a weight zero point lies outside [0, 255]; it cannot be "
                                      "stored in uint8")

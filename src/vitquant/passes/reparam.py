@@ -125,11 +125,10 @@ def reparameterize_calibrated(model: nn.Module) -> dict:
     from ..quantizers.uniform import MIN_STEP
     done = {}
     for name, norm, linears in post_layernorm_pairs(model):
-        quantizers = [lin.quantizer("input") for _, lin in linears]
-        q = quantizers[0]
+        q = linears[0][1].quantizer("input")
         if q is None:
             continue
-        if len(linears) != 1 or not isinstance(q, UniformQuantizer) or q.symmetric or q.groups != q.lower.numel() \
+        if len(linears) != 1 or not isinstance(q, UniformQuantizer) or q.symmetric \
                 or q.groups != linears[0][1].in_features:
             raise ValueError(f"{name}: reparameterisation needs one following Linear with a per-channel "
                              f"asymmetric uniform input quantizer")
@@ -137,7 +136,7 @@ def reparameterize_calibrated(model: nn.Module) -> dict:
             raise ValueError(f"{name}: the input quantizer of {linears[0][0]} is not calibrated")
         step = q.scale.detach().clone()
         constant = step <= MIN_STEP
-        zero = torch.round(-q.lower / step)
+        zero = q.zero_points()
         done[name] = _fold(norm, linears, step, zero, constant, q.lower.detach().clone())
         per_tensor = UniformQuantizer(q.bits, symmetric=False, percentile=q.percentile,
                                       mse_percentiles=q.mse_percentiles).to(step.device)

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import kernels
-from .base import Quantizer, broadcast_groups, reduce_to_groups
+from .base import Quantizer, _constant, broadcast_groups, reduce_to_groups
 
 GELU_SHIFT = 0.16997124254703522  # -min_x GELU(x), AdaLog's shift for post-GELU
 
@@ -48,21 +48,18 @@ class AdaLogQuantizer(Quantizer):
         self.levels = 2 ** bits
         self.table_den = 2 ** (bits + 1) - 2
 
-    def _parts(self, s):
-        return s[0], s[1]
-
     def _fake_quant(self, x, s, shape, fused=False):
-        rng, q = self._parts(s)
+        rng, q = s
         return kernels.run_kernel(kernels.adalog_quant, x, rng, q, self.shift, float(self.r), float(self.levels),
                                   float(self.table_den), fused=fused)
 
     def _codes(self, x, s, shape):
-        rng, q = self._parts(s)
+        rng, q = s
         c, flush = kernels.adalog_codes(x, rng, q, self.shift, float(self.r), float(self.levels))
         return torch.where(flush, torch.full_like(c, self.levels), c)
 
     def _dequant(self, codes, s, shape):
-        rng, q = self._parts(s)
+        rng, q = s
         c = codes.to(rng.dtype)
         v = kernels.adalog_value(c.clamp(max=self.levels - 1), rng, q, self.shift, float(self.r), float(self.table_den))
         return torch.where(c >= self.levels, torch.full_like(v, -self.shift), v)
@@ -95,8 +92,7 @@ class AdaLogQuantizer(Quantizer):
     def export_parts(self, x):
         """No integer kernel applies to log codes: the graph computes the quantize-dequantize in float
         (Log, Round, Floor, Pow, Where) and the consuming op stays a float op."""
-        rng = broadcast_groups(torch.tensor(self.scale[:, 0].tolist()), x, self.group_dim)
-        q = broadcast_groups(torch.tensor(self.scale[:, 1].tolist()), x, self.group_dim)
+        rng, q = (broadcast_groups(_constant(self.scale[:, i]), x, self.group_dim) for i in (0, 1))
         return [(kernels.adalog_quant(x, rng, q, self.shift, float(self.r), float(self.levels),
                                       float(self.table_den)), None)]
 

@@ -138,6 +138,21 @@ def group_rows(x: torch.Tensor, group_dim: int | None, groups: int) -> torch.Ten
     return x.movedim(group_dim % x.dim(), 0).reshape(groups, -1)
 
 
+def percentile_tuple(percentiles, low: float) -> tuple[float, ...]:
+    """``percentiles`` as a non-empty tuple of floats in ``(low, 100]`` (the candidates of an
+    MSE-chosen range), else ValueError."""
+    ps = tuple(float(p) for p in percentiles)
+    if not ps or not all(low < p <= 100 for p in ps):
+        raise ValueError(f"MSE-searched percentiles must be in ({low:g}, 100], got {percentiles!r}")
+    return ps
+
+
+def least_mse(rows: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """Per row of ``rows [G, n]``, the index of the quantized candidate ``[G, n]`` with the least mean
+    squared error (the first of equal errors, as RepQ-ViT's strict ``<``)."""
+    return torch.stack([((c - rows) ** 2).mean(1) for c in candidates]).argmin(0)
+
+
 def row_quantiles(rows: torch.Tensor, q: list[float]) -> torch.Tensor:
     """Quantiles ``q`` (fractions in [0, 1]) of every row of ``rows [G, n]``: ``[len(q), G]``, with
     linear interpolation between order statistics (``torch.quantile`` / ``numpy.percentile``'s

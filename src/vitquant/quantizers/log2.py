@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, reduce_to_groups, row_quantiles
+from .base import Quantizer, _constant, broadcast_groups, group_rows, least_mse, percentile_tuple, reduce_to_groups, row_quantiles
 
 class LogQuantizer(Quantizer):
     """Log2 (``per_octave=1``) or log-sqrt2 (``per_octave=2``) quantizer for non-negative values."""
@@ -26,11 +26,7 @@ class LogQuantizer(Quantizer):
     def __init__(self, bits: int, per_octave: int = 2, zero: str = "code", groups: int = 1,
                  group_dim: int | None = None, mse_percentiles: tuple[float, ...] | None = None):
         super().__init__(bits, groups, group_dim)
-        if mse_percentiles is not None:
-            mse_percentiles = tuple(float(p) for p in mse_percentiles)
-            if not mse_percentiles or not all(0 < p <= 100 for p in mse_percentiles):
-                raise ValueError(f"MSE-searched percentiles must be in (0, 100], got {mse_percentiles!r}")
-        self.mse_percentiles = mse_percentiles
+        self.mse_percentiles = None if mse_percentiles is None else percentile_tuple(mse_percentiles, 0)
         if per_octave not in (1, 2):
             raise ValueError(f"per_octave must be 1 (log2) or 2 (log-sqrt2), got {per_octave!r}")
         if zero not in ("code", "extra"):
@@ -60,22 +56,15 @@ class LogQuantizer(Quantizer):
         if self.mse_percentiles is not None:
             rows = group_rows(x.detach().float(), self.group_dim, self.groups)
             steps = row_quantiles(rows, [p / 100.0 for p in self.mse_percentiles]).clamp(min=1e-8)  # [P, G]
-            err = torch.stack([((kernels.log_quant(rows, s[:, None], float(self.per_octave), float(self.levels))
-                                 - rows) ** 2).mean(1) for s in steps])
-            return steps[err.argmin(0), torch.arange(rows.shape[0])]
+            best = least_mse(rows, [kernels.log_quant(rows, s[:, None], float(self.per_octave), float(self.levels))
+                                    for s in steps])
+            return steps[best, torch.arange(rows.shape[0])]
         return reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max").clamp(min=1e-8).float()
 
     def export_parts(self, x):
         """No integer kernel applies to log codes: the graph computes the quantize-dequantize in float
         (Log, Round, Clip, Pow, Where) and the consuming matmul stays a float MatMul."""
-        from .base import _constant
-        s = _constant(self.scale)
-        if s.numel() > 1:
-            shape = [1] * x.dim()
-            shape[self.group_dim % x.dim()] = -1
-            s = s.repeat_interleave(x.shape[self.group_dim % x.dim()] // s.numel()).reshape(shape)
-        else:
-            s = s.reshape(())
+        s = broadcast_groups(_constant(self.scale), x, self.group_dim)
         return [(kernels.log_quant(x, s, float(self.per_octave), float(self.levels)), None)]
 
     def spec(self) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, qdq_affine, qdq_part, reduce_to_groups, row_quantiles
+from .base import Quantizer, group_rows, least_mse, percentile_tuple, qdq_affine, qdq_part, reduce_to_groups, row_quantiles
 
 MIN_STEP = 1e-8  # the step of a group with no range (a constant channel)
 
@@ -33,11 +33,7 @@ class UniformQuantizer(Quantizer):
                  group_dim: int | None = None, percentile: float | None = None,
                  mse_percentiles: tuple[float, ...] | None = None):
         super().__init__(bits, groups, group_dim)
-        if mse_percentiles is not None:
-            mse_percentiles = tuple(float(p) for p in mse_percentiles)
-            if not mse_percentiles or not all(50 < p <= 100 for p in mse_percentiles):
-                raise ValueError(f"MSE-searched percentiles must be in (50, 100], got {mse_percentiles!r}")
-        self.mse_percentiles = mse_percentiles
+        self.mse_percentiles = None if mse_percentiles is None else percentile_tuple(mse_percentiles, 50)
         self.signed = signed and symmetric
         self.symmetric = symmetric
         self.percentile = percentile
@@ -49,6 +45,10 @@ class UniformQuantizer(Quantizer):
 
     def _zero_point(self, s: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         return torch.round(-self.grouped(self.lower, shape) / s)
+
+    def zero_points(self) -> torch.Tensor:
+        """The zero point of every group ``[G]`` (asymmetric; ``round(-min / D)``, maybe outside the codes)."""
+        return torch.round(-self.lower / self.scale)
 
     def _codes(self, x, s, shape):
         q = (x / s).round_()
@@ -73,19 +73,14 @@ class UniformQuantizer(Quantizer):
         rows = group_rows(x.detach().float(), self.group_dim, self.groups)  # [G, n]
         frac = [p / 100.0 for p in self.mse_percentiles]
         if self.symmetric:
-            steps = row_quantiles(rows.abs(), frac) / (self.qmax + 0.5)
-            lows = torch.zeros_like(steps)
-            zeros = lows
+            steps = (row_quantiles(rows.abs(), frac) / (self.qmax + 0.5)).clamp(min=MIN_STEP)
+            lows = zeros = torch.zeros_like(steps)
         else:
             highs, lows = row_quantiles(rows, frac), row_quantiles(rows, [1.0 - f for f in frac])  # [P, G]
-            steps = (highs - lows) / (self.qmax - self.qmin)
-        steps = steps.clamp(min=MIN_STEP)
-        if not self.symmetric:
+            steps = ((highs - lows) / (self.qmax - self.qmin)).clamp(min=MIN_STEP)
             zeros = torch.round(-lows / steps)
-        s, z = steps[:, :, None], zeros[:, :, None]
-        err = [((kernels.uniform_affine(rows, s[i], z[i], float(self.qmin), float(self.qmax)) - rows) ** 2).mean(1)
-               for i in range(len(frac))]
-        best = torch.stack(err).argmin(0)  # the first of equal errors, as RepQ-ViT's strict "<"
+        best = least_mse(rows, [kernels.uniform_affine(rows, s[:, None], z[:, None], float(self.qmin), float(self.qmax))
+                                for s, z in zip(steps, zeros)])
         pick = torch.arange(rows.shape[0])
         self.lower.copy_(lows[best, pick])
         return steps[best, pick]
@@ -113,8 +108,7 @@ class UniformQuantizer(Quantizer):
             if self.groups != 1:
                 raise NotImplementedError("asymmetric activation quantizers with several groups cannot be exported "
                                           "to ONNX (reparameterise them to per tensor first)")
-            zero = float(torch.round(-self.lower[0] / self.scale[0]))
-            return [(qdq_affine(x, self.scale, zero, self.qmin, self.qmax), None)]
+            return [(qdq_affine(x, self.scale, float(self.zero_points()[0]), self.qmin, self.qmax), None)]
         return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
 
     def spec(self) -> dict:
