@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from .calibration.bias_correction import correct_bias
+from .calibration.fpcs import FPCSConfig, calibrate_op_fpcs
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
 from .nn.modules import QuantOp, _WeightOp
 from .nn.wrap import quant_ops
 from .quantizers import Quantizer
+from .quantizers.adalog import GELU_SHIFT
 from .quantizers.base import percentile_tuple
 from .sites import QuantizerSpec, build_from_table, spec
 
@@ -120,7 +122,9 @@ class QuantConfig:
     asymmetric: bool = False                # uniform quantizers with a zero point, weights and activations
     mse_percentiles: Optional[tuple[float, ...]] = None  # each range: the percentile among these whose
                                             # quantized operand has the least MSE (RepQ-ViT's initialisation)
-    softmax_log: Optional[Literal["log2", "log_sqrt2"]] = None  # log-domain post-softmax quantizer
+    softmax_log: Optional[Literal["log2", "log_sqrt2", "adalog"]] = None  # log-domain post-softmax quantizer
+    gelu_log: Optional[Literal["adalog"]] = None  # AdaLog's shifted adaptive-base log quantizer for post-GELU
+    fpcs: Optional[FPCSConfig] = None       # AdaLog's search (FPCS) instead of ``search``
     log_zero: Literal["code", "extra"] = "code"  # log quantizer's zero: one of the 2^b codes, or an extra
                                             # state (2^b levels + 0, RepQ-ViT's code; does not fit b bits)
     reparameterize: bool = False            # post-LayerNorm inputs per channel, folded into the LayerNorm
@@ -146,10 +150,24 @@ class QuantConfig:
         if (self.softmax_v2sf or self.gelu_v2sf) and self.a_bits < 3:
             raise ValueError("V-2SF needs at least 3 activation bits")
         if self.softmax_log is not None:
-            if self.softmax_log not in ("log2", "log_sqrt2"):
-                raise ValueError(f"unknown post-softmax log quantizer {self.softmax_log!r}; choose log2 or log_sqrt2")
+            if self.softmax_log not in ("log2", "log_sqrt2", "adalog"):
+                raise ValueError(f"unknown post-softmax log quantizer {self.softmax_log!r}; choose log2, log_sqrt2 "
+                                 "or adalog")
             if self.softmax_twin or self.softmax_v2sf:
                 raise ValueError("post-softmax gets one quantizer: turn twin uniform / V-2SF off for a log quantizer")
+        if self.gelu_log is not None:
+            if self.gelu_log != "adalog":
+                raise ValueError(f"unknown post-GELU log quantizer {self.gelu_log!r}; choose adalog")
+            if self.gelu_twin or self.gelu_v2sf:
+                raise ValueError("post-GELU gets one quantizer: turn twin uniform / V-2SF off for a log quantizer")
+        if self.fpcs is not None:
+            if self.search is not None:
+                raise ValueError("a recipe searches with either the candidate search or FPCS, not both")
+            if not self.asymmetric:
+                raise ValueError("the FPCS search needs asymmetric uniform quantizers")
+            if self.bias_correction or self.mixed_precision is not None or self.quantize_layernorm:
+                raise ValueError("the FPCS search cannot be combined with bias correction, mixed precision or "
+                                 "quantized LayerNorm inputs")
         if self.log_zero not in ("code", "extra"):
             raise ValueError(f"log_zero must be 'code' or 'extra', got {self.log_zero!r}")
         if self.mse_percentiles is not None:
@@ -179,18 +197,22 @@ class QuantConfig:
         return self.search is not None and self.search.objective in NEEDS_GRAD
 
     def replace(self, **changes) -> "QuantConfig":
-        """A copy with fields changed; fields of the search, the ranking objective and mixed
-        precision may be given directly (``rounds=5``, ``theta=0.1``, ``sensitivity="hessian"``)."""
-        nested = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig}
-        parts = {f: {k: changes.pop(k) for k in list(changes) if k in cls.__dataclass_fields__}
-                 for f, cls in nested.items()}
+        """A copy with fields changed; fields of the search (or FPCS), the ranking objective and mixed
+        precision may be given directly (``rounds=5``, ``theta=0.1``, ``sensitivity="hessian"``); a
+        field two of them share goes to the one the config has."""
+        parts: dict[str, dict] = {f: {} for f in NESTED}
+        for k in [k for k in changes if k not in QuantConfig.__dataclass_fields__]:
+            owners = [f for f, cls in NESTED.items() if k in cls.__dataclass_fields__]
+            if owners:
+                present = [f for f in owners if getattr(self, f) is not None]
+                parts[(present or owners)[0]][k] = changes.pop(k)
         cfg = dataclasses.replace(self, **changes)
         for f, sub in parts.items():
             if not sub:
                 continue
             if getattr(cfg, f) is None:
                 what = {"search": "does not search", "ranking": "has no ranking loss",
-                        "mixed_precision": "is not mixed-precision"}[f]
+                        "mixed_precision": "is not mixed-precision", "fpcs": "does not use FPCS"}[f]
                 raise ValueError(f"method {cfg.method!r} {what}; cannot set {', '.join(sub)}")
             cfg = dataclasses.replace(cfg, **{f: dataclasses.replace(getattr(cfg, f), **sub)})
         return cfg
@@ -199,15 +221,19 @@ class QuantConfig:
         return dataclasses.asdict(self) | {"setting": self.setting}
 
 
+NESTED = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig,
+          "fpcs": FPCSConfig}
+
+
 def config_from_dict(d: dict) -> QuantConfig:
     """The :class:`QuantConfig` of :meth:`QuantConfig.to_dict` (saved checkpoints, result files)."""
     d = {k: v for k, v in d.items() if k != "setting"}
-    nested = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig}
-    for k, cls in nested.items():
+    for k, cls in NESTED.items():
         if d.get(k) is not None:
             sub = dict(d[k])
-            if k == "mixed_precision" and sub.get("choices") is not None:
-                sub["choices"] = tuple(sub["choices"])
+            for tuple_field in ("choices", "q_range"):  # JSON gives lists
+                if sub.get(tuple_field) is not None:
+                    sub[tuple_field] = tuple(sub[tuple_field])
             d[k] = cls(**sub)
     if d.get("mse_percentiles") is not None:
         d["mse_percentiles"] = tuple(d["mse_percentiles"])
@@ -270,6 +296,20 @@ def repq(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
                        batch_size=32)
 
 
+def adalog(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
+    """AdaLog (Wu et al., ECCV 2024), calibration only, as its reference code: asymmetric uniform
+    quantizers searched by FPCS (``calibration.fpcs``) on the layer-output error, weights per output
+    channel (head and patch embedding included), per-head q / k / v; AdaLog's adaptive-base log
+    quantizer for post-softmax (range 1) and its shifted version for post-GELU; post-LayerNorm inputs
+    per channel, reparameterised to per tensor and searched again (with ``w_bits == a_bits``, as its
+    code); the image not quantized (its code leaves an 8-bit conv input in FP32); every op calibrated
+    on the FP model's inputs and outputs, 32 images."""
+    return QuantConfig("adalog", w_bits, a_bits, search=None, fpcs=FPCSConfig(), softmax_twin=False,
+                       gelu_twin=False, per_head_matmul=True, per_channel_weights=True, asymmetric=True,
+                       softmax_log="adalog", gelu_log="adalog", reparameterize=w_bits == a_bits,
+                       sequential=False, batch_size=32)
+
+
 def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
     """TSPTQ-ViT: PTQ4ViT's Hessian-guided search with two-scaled factors, V-2SF for post-softmax
     and post-GELU, and the fully quantized setting: every LayerNorm input quantized with O-2SF."""
@@ -278,7 +318,7 @@ def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
 
 
 RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021,
-           "tsptq": tsptq, "repq": repq}
+           "tsptq": tsptq, "repq": repq, "adalog": adalog}
 
 
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
@@ -305,7 +345,9 @@ def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
     if cfg.mse_percentiles is not None:
         act["mse_percentiles"] = weight["mse_percentiles"] = cfg.mse_percentiles
     per_head = "head" if cfg.per_head_matmul else "tensor"
-    if cfg.gelu_twin:
+    if cfg.gelu_log == "adalog":
+        post_gelu = spec("adalog", shift=GELU_SHIFT)
+    elif cfg.gelu_twin:
         post_gelu = spec("twin_gelu")
     elif cfg.gelu_v2sf:
         post_gelu = spec("v2sf", signed=True)
@@ -315,6 +357,8 @@ def quantizer_table(cfg: QuantConfig) -> dict[str, Optional[QuantizerSpec]]:
         post_softmax = spec("twin_softmax")
     elif cfg.softmax_v2sf:
         post_softmax = spec("v2sf", "a", per_head)
+    elif cfg.softmax_log == "adalog":
+        post_softmax = spec("adalog", "a", "tensor", fixed_range=True)
     elif cfg.softmax_log is not None:
         log = dict(per_octave=1 if cfg.softmax_log == "log2" else 2, zero=cfg.log_zero)
         if cfg.mse_percentiles is not None:
@@ -361,6 +405,9 @@ def attach_quantizers(model, cfg: QuantConfig) -> None:
 def calibrate_op(cfg: QuantConfig):
     """The per-op calibration step of this config: initialise every quantizer from its data,
     then (if the recipe searches) run the alternating candidate search."""
+    if cfg.fpcs is not None:
+        return calibrate_op_fpcs(cfg.fpcs)
+
     def step(name: str, op: QuantOp, data: OpData) -> dict:
         for operand, q in op.quantizers().items():
             q.set_scale(q.initial_scale(data.operand(op, operand)))

@@ -222,7 +222,7 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
               *, need_grad: bool, batch_size: int = 4, sequential: bool = False, unit: str = "block",
               need_output: bool = True, progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None,
-              memory: Optional[MemoryBudget] = None) -> CalibrationReport:
+              memory: Optional[MemoryBudget] = None, only: Optional[set[str]] = None) -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
     (the recipe's per-op step: initialise quantizers, search, extras).
 
@@ -230,6 +230,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
     (resumable calibration, bit-identical to an uninterrupted run). ``memory``: keep collected
     activations within a budget (disk-backed when needed). ``unit="op"``: every op is its own unit
     (with ``sequential``: each op's inputs come from the model with all earlier ops quantized).
+    ``only``: calibrate just these ops (by name), e.g. the Linears a reparameterisation changed.
     Runs with eager quantization kernels: the search sees many tensor shapes, each of which a
     fused kernel would have to compile for; the fused kernels are for inference."""
     global _budget
@@ -238,7 +239,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
         with fused_kernels(False):
             report = _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
                                 sequential=sequential, unit=unit, need_output=need_output, progress=progress,
-                                checkpoint=checkpoint)
+                                checkpoint=checkpoint, only=only)
     finally:
         _budget = previous
     if memory is not None:
@@ -247,13 +248,15 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
 
 
 def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, unit, need_output, progress,
-               checkpoint) -> CalibrationReport:
+               checkpoint, only=None) -> CalibrationReport:
     from tqdm.auto import tqdm
 
     report = CalibrationReport()
     t0 = time.perf_counter()
     model.eval()
     units = calibration_units(model, per_op=unit == "op")
+    if only is not None:
+        units = [(u, kept) for u, ops in units if (kept := [(n, op) for n, op in ops if n in only])]
     report.collection_ranks = collection_shard(images.shape[0], batch_size)[1]
     done = {}
     if checkpoint is not None:

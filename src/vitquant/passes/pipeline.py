@@ -8,6 +8,7 @@ Each pass does one thing to the model given the calibration context; a config's 
   their data, runs the recipe's search and, where the recipe says so, the bias correction
   (Eqs. 13-15, Liu et al. 2021) after every search round;
 * ``reparameterize``: RepQ-ViT's scale reparameterisation of post-LayerNorm activations;
+* ``calibrate_folded``: the Linears the fold changed, calibrated again on the folded model (AdaLog);
 * ``check_mixed_precision_budget``, ``calibrate_bit_widths``, ``allocate_bits`` (Sec. 3.3, Liu et
   al. 2021; the allocation also re-measures the bias correction in the mixed model).
 """
@@ -63,8 +64,8 @@ class Calibrate(Pass):
         cfg = ctx.cfg
         ctx.report = calibrate(ctx.model, ctx.images, calibrate_op(cfg), need_grad=cfg.hessian,
                                batch_size=cfg.batch_size, sequential=cfg.sequential, unit=cfg.calibration_unit,
-                               need_output=cfg.search is not None or cfg.bias_correction, progress=ctx.progress,
-                               checkpoint=ctx.checkpoint, memory=ctx.memory)
+                               need_output=cfg.search is not None or cfg.bias_correction or cfg.fpcs is not None,
+                               progress=ctx.progress, checkpoint=ctx.checkpoint, memory=ctx.memory)
 
 
 class Reparameterize(Pass):
@@ -76,6 +77,28 @@ class Reparameterize(Pass):
     def run(self, ctx):
         from .reparam import reparameterize_calibrated
         ctx.info[self.name] = reparameterize_calibrated(ctx.model)
+
+
+class CalibrateFolded(Pass):
+    """After the fold, search the folded Linears again (their per-tensor input and new weights) on
+    the folded FP model's data, as AdaLog's code does; the ops' reports gain ``after_fold``."""
+    name = "calibrate_folded"
+
+    def run(self, ctx):
+        from ..calibration.engine import calibrate
+        from ..recipes import calibrate_op
+        cfg = ctx.cfg
+        folded = {n for info in ctx.info.get(Reparameterize.name, {}).values() for n in info["linears"]}
+        if not folded:
+            return
+        r = calibrate(ctx.model, ctx.images, calibrate_op(cfg), need_grad=cfg.hessian, batch_size=cfg.batch_size,
+                      sequential=cfg.sequential, unit=cfg.calibration_unit, need_output=True, progress=ctx.progress,
+                      checkpoint=None if ctx.checkpoint is None else ctx.checkpoint.child("folded"),
+                      memory=ctx.memory, only=folded)
+        for name, info in r.ops.items():
+            ctx.report.ops.setdefault(name, {})["after_fold"] = info
+        ctx.report.seconds += r.seconds
+        ctx.info[self.name] = {"ops": sorted(folded), "seconds": round(r.seconds, 3)}
 
 
 class CheckMixedPrecisionBudget(Pass):
@@ -110,7 +133,12 @@ def pipeline_for(cfg) -> list[Pass]:
     """The ordered passes of ``cfg``."""
     if cfg.mixed_precision is not None:
         return [CheckMixedPrecisionBudget(), CalibrateBitWidths(), AllocateBits()]
-    return [AttachQuantizers(), Calibrate()] + ([Reparameterize()] if cfg.reparameterize else [])
+    passes = [AttachQuantizers(), Calibrate()]
+    if cfg.reparameterize:
+        passes.append(Reparameterize())
+        if cfg.fpcs is not None:
+            passes.append(CalibrateFolded())
+    return passes
 
 
 def run_pipeline(passes: list[Pass], ctx: Context):

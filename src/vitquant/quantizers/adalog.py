@@ -50,6 +50,9 @@ class AdaLogQuantizer(Quantizer):
 
     def _fake_quant(self, x, s, shape, fused=False):
         rng, q = s
+        if not fused and self.groups == 1 and rng.numel() > 1:  # a search's candidates: one table each
+            return kernels.adalog_quant_candidates(x, rng, q, self.shift, float(self.r), float(self.levels),
+                                                   float(self.table_den))
         return kernels.run_kernel(kernels.adalog_quant, x, rng, q, self.shift, float(self.r), float(self.levels),
                                   float(self.table_den), fused=fused)
 

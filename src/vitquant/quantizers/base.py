@@ -240,6 +240,21 @@ def qdq_affine(x: torch.Tensor, scale: torch.Tensor, zero: float, qmin: int, qma
     return torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
 
 
+def qdq_affine_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_dim: int, qmin: int,
+                      qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`qdq_affine` with a step ``s_g`` and zero point ``z_g`` per group (e.g. per head) as an
+    ``(part, factor)`` pair: ``part = QDQ(x / s_g + z_g; step 1, zero 0) - z_g`` (uint8 codes of one
+    per-tensor QDQ), ``factor = s_g``. The subtraction sits between the DequantizeLinear and the
+    consuming matmul, which therefore runs in float (ONNX Runtime's integer matmul takes per-tensor
+    zero points only). Equal to the fake quantizer up to ties: ``round(u + z)`` vs ``round(u) + z``."""
+    z = torch.tensor(zero.detach().reshape(-1).tolist(), dtype=torch.float32)
+    if bool((z < 0).any() or (z > 255).any()) or qmin < 0 or qmax > 255:
+        raise ValueError("an asymmetric quantizer with zero points outside [0, 255] cannot be exported to ONNX")
+    s, zb = broadcast_groups(_constant(scale), x, group_dim), broadcast_groups(z, x, group_dim)
+    u = (x / s + zb).clamp(float(qmin), float(qmax))
+    return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, 255) - zb, s
+
+
 def qdq_part(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int):
     """:func:`qdq` as an ``(part, factor)`` pair: per-tensor steps stay in the QDQ (factor None);
     per-group steps are factored out, ``qdq(x / s_g, 1) * s_g``, so that the QDQ has one scale

@@ -146,6 +146,27 @@ def adalog_quant(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float
     return torch.where(flush, torch.full_like(v, -shift), v)
 
 
+def adalog_quant_candidates(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float,
+                            levels: float, k: float) -> torch.Tensor:
+    """:func:`adalog_quant` (bit-identical) for a batch of candidates ``(s, q)`` of shape
+    ``[C, 1, ...]`` (one group each), as the search evaluates them: the codes as
+    :func:`adalog_codes`, with the flushed ones as code ``levels``, their values gathered from a table
+    of each candidate's ``levels + 1`` values; the log of ``x`` is taken once when every candidate
+    shares one range (a base search)."""
+    n, lv = s.numel(), int(levels)
+    codes = torch.arange(lv, dtype=s.dtype, device=s.device).reshape(-1, *([1] * s.dim()))
+    table = adalog_value(codes, s, q, shift, r, k).reshape(lv, n)
+    table = torch.cat([table, torch.full((1, n), -shift, dtype=table.dtype, device=table.device)]).T.contiguous()
+    s0 = s.reshape(-1)[0]
+    if bool((s == s0).all()):
+        c = ((x + shift) / s0).clamp_(1e-15, 1.0).log2_().mul_(-r) / q
+    else:
+        c = ((x + shift) / s).clamp_(1e-15, 1.0).log2_().mul_(-r).div_(q)
+    # codes are >= 0 (the clamped ratio is <= 1); those >= levels flush (table entry ``levels``)
+    idx = c.round_().clamp_(max=levels).reshape(n, -1).long()
+    return table.gather(1, idx).reshape(c.shape)
+
+
 # -- dispatch ---------------------------------------------------------------------------------------
 
 _compiled: dict[Callable, Callable] = {}   # kernel function -> its torch.compile wrapper

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, group_rows, least_mse, percentile_tuple, qdq_affine, qdq_part, reduce_to_groups, row_quantiles
+from .base import Quantizer, group_rows, least_mse, percentile_tuple, qdq_affine, qdq_affine_groups, qdq_part, reduce_to_groups, row_quantiles
 
 MIN_STEP = 1e-8  # the step of a group with no range (a constant channel)
 
@@ -105,9 +105,8 @@ class UniformQuantizer(Quantizer):
 
     def export_parts(self, x):
         if not self.symmetric:
-            if self.groups != 1:
-                raise NotImplementedError("asymmetric activation quantizers with several groups cannot be exported "
-                                          "to ONNX (reparameterise them to per tensor first)")
+            if self.groups != 1:  # e.g. per head: the consuming matmul stays float
+                return [qdq_affine_groups(x, self.scale, self.zero_points(), self.group_dim, self.qmin, self.qmax)]
             return [(qdq_affine(x, self.scale, float(self.zero_points()[0]), self.qmin, self.qmax), None)]
         return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
 
