@@ -40,7 +40,7 @@ from ..quantizers import kernels
 from ..quantizers.base import group_rows, row_quantiles
 from ..quantizers.uniform import MIN_STEP
 from .objectives import _group_sum
-from .search import OpData, _subset, evaluate_candidates
+from .search import OpData, _subset, _take, evaluate_candidates
 
 ACT_MIN_STEP = 1e-4  # AdaLog's floor on activation steps
 
@@ -81,11 +81,6 @@ class FPCSConfig:
 
 
 # -- the search itself ---------------------------------------------------------------------------
-
-
-def _take(grid: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx [k, G]`` of each group's candidates ``grid [C, G, P]``."""
-    return grid.gather(0, idx[..., None].expand(-1, -1, grid.shape[2]))
 
 
 Score = Callable[[torch.Tensor, bool], torch.Tensor]  # (candidates [C, G, P], final step) -> error [C, G]
