@@ -59,6 +59,7 @@ def _config_from_args(args):
             cfg = cfg.replace(**ranking)
         if args.layernorm_quantizer and not cfg.quantize_layernorm:
             raise VitquantError("--layernorm-quantizer needs the fully quantized setting; add --quantize-layernorm")
+        cfg = _rounding_from_args(cfg, args)
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
                   sensitivity=args.sensitivity, omega=args.omega, remeasure_bias=args.remeasure_bias)
         mp = {k: v for k, v in mp.items() if v is not None}
@@ -71,6 +72,29 @@ def _config_from_args(args):
         return cfg
     except ValueError as e:
         raise VitquantError(str(e)) from None
+
+
+def _rounding_from_args(cfg, args):
+    """``--rounding`` / ``--ridge`` / ``--gptq-damp`` / ``--act-order`` on top of the recipe's own pass."""
+    from dataclasses import replace as dc_replace
+
+    from .calibration.weight_rounding import RoundingConfig
+    knobs = {k: v for k, v in dict(ridge=args.ridge, damp=args.gptq_damp, act_order=args.act_order).items()
+             if v is not None}
+    if args.rounding == "off":
+        if knobs:
+            raise VitquantError("--ridge, --gptq-damp and --act-order need a rounding pass; drop --rounding off")
+        return cfg.replace(rounding=None)
+    base = cfg.rounding
+    if args.rounding is not None:
+        base = dc_replace(base or RoundingConfig(), method=args.rounding)
+    elif knobs and base is None:
+        raise VitquantError(f"{args.method} has no weight-rounding pass; add --rounding gptq or --rounding nearest")
+    if base is None:
+        return cfg
+    if base.method != "gptq" and ("damp" in knobs or "act_order" in knobs):
+        raise VitquantError("--gptq-damp and --act-order need --rounding gptq")
+    return cfg.replace(rounding=dc_replace(base, **knobs))
 
 
 def run_quantize(args) -> dict:

@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     tq.add_argument("--gelu-v2sf", type=_on_off, metavar="on|off", help="V-2SF for post-GELU (tsptq: on)")
     tq.add_argument("--plot-block", metavar="NAME",
                     help="block shown in the --plots activation histograms, e.g. blocks.6 (default: the middle one)")
+    wr = q.add_argument_group("weight rounding (GPTQ / ERQ ridge; the switches apply to any recipe)")
+    wr.add_argument("--rounding", choices=["gptq", "nearest", "off"],
+                    help="weight-rounding pass after calibration: GPTQ column-wise rounding, nearest with the "
+                         "ridge step / bias refit only, or off (default: the recipe's own)")
+    wr.add_argument("--ridge", type=_positive_float, metavar="LAMBDA",
+                    help="ERQ ridge step before rounding, relative strength (x mean input variance)")
+    wr.add_argument("--gptq-damp", type=_positive_float, metavar="D", help="GPTQ damping (x mean Hessian diagonal)")
+    wr.add_argument("--act-order", type=_on_off, metavar="on|off", help="GPTQ columns in decreasing input energy")
     r = q.add_argument_group("run")
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")

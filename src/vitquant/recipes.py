@@ -13,6 +13,7 @@ from .calibration.bias_correction import correct_bias
 from .calibration.fpcs import FPCSConfig, calibrate_op_fpcs
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
+from .calibration.weight_rounding import RoundingConfig
 from .nn.modules import QuantOp, _WeightOp
 from .nn.wrap import quant_ops
 from .quantizers import Quantizer
@@ -132,6 +133,8 @@ class QuantConfig:
     patch_embed_input_bits: Optional[int] = None  # quantize the image itself at this bit-width
     calibration_unit: Literal["block", "op"] = "block"  # "op" with sequential: every op calibrated on
                                             # the outputs of all earlier ops, quantized
+    rounding: Optional[RoundingConfig] = None  # a last pass choosing the weight codes (GPTQ / ERQ ridge;
+                                            # None: round to nearest)
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits"):
@@ -212,7 +215,8 @@ class QuantConfig:
                 continue
             if getattr(cfg, f) is None:
                 what = {"search": "does not search", "ranking": "has no ranking loss",
-                        "mixed_precision": "is not mixed-precision", "fpcs": "does not use FPCS"}[f]
+                        "mixed_precision": "is not mixed-precision", "fpcs": "does not use FPCS",
+                        "rounding": "has no weight-rounding pass"}[f]
                 raise ValueError(f"method {cfg.method!r} {what}; cannot set {', '.join(sub)}")
             cfg = dataclasses.replace(cfg, **{f: dataclasses.replace(getattr(cfg, f), **sub)})
         return cfg
@@ -222,7 +226,7 @@ class QuantConfig:
 
 
 NESTED = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig,
-          "fpcs": FPCSConfig}
+          "fpcs": FPCSConfig, "rounding": RoundingConfig}
 
 
 def config_from_dict(d: dict) -> QuantConfig:
@@ -231,7 +235,7 @@ def config_from_dict(d: dict) -> QuantConfig:
     for k, cls in NESTED.items():
         if d.get(k) is not None:
             sub = dict(d[k])
-            for tuple_field in ("choices", "q_range"):  # JSON gives lists
+            for tuple_field in ("choices", "q_range", "roles"):  # JSON gives lists
                 if sub.get(tuple_field) is not None:
                     sub[tuple_field] = tuple(sub[tuple_field])
             d[k] = cls(**sub)
@@ -310,6 +314,16 @@ def adalog(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
                        sequential=False, batch_size=32)
 
 
+def vitq(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
+    """vitquant's flagship, calibration only: AdaLog's quantizers and FPCS search
+    (:func:`adalog`: adaptive-base log post-softmax, shifted log post-GELU, per-head q / k / v,
+    per-channel weights, post-LayerNorm reparameterisation), then every weight (the head excepted)
+    rounded by GPTQ on the quantized model's inputs against the FP outputs, with the least-squares
+    bias refit as its bias correction (``calibration.weight_rounding``). The defaults were chosen on
+    calibration-split images 33-128 (README, "Flagship recipe")."""
+    return dataclasses.replace(adalog(w_bits, a_bits), method="vitq", rounding=RoundingConfig())
+
+
 def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
     """TSPTQ-ViT: PTQ4ViT's Hessian-guided search with two-scaled factors, V-2SF for post-softmax
     and post-GELU, and the fully quantized setting: every LayerNorm input quantized with O-2SF."""
@@ -318,7 +332,7 @@ def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
 
 
 RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": ptq4vit, "liu2021": liu2021,
-           "tsptq": tsptq, "repq": repq, "adalog": adalog}
+           "tsptq": tsptq, "repq": repq, "adalog": adalog, "vitq": vitq}
 
 
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
@@ -400,6 +414,7 @@ def attach_quantizers(model, cfg: QuantConfig) -> None:
             op.set_quantizer(operand, q)
         if isinstance(op, _WeightOp):
             op.bias_correction = None  # belongs to the quantizers it was measured with
+            op.set_rounded_weight(None)
 
 
 def calibrate_op(cfg: QuantConfig):

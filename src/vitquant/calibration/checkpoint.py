@@ -28,21 +28,26 @@ FINGERPRINT = "fingerprint.json"
 # -- in-memory snapshots (mixed precision keeps one per bit-width) ----------------------------------
 
 
+def _clone(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach().clone()
+
+
 def snapshot(ops: list[tuple[str, QuantOp]]) -> dict:
-    """A copy of every op's quantizers and bias correction."""
+    """A copy of every op's quantizers, bias correction and rounded weight (weight-rounding pass)."""
     return {n: ({k: copy.deepcopy(q) for k, q in op.quantizers().items()},
-                None if getattr(op, "bias_correction", None) is None else op.bias_correction.clone())
+                _clone(getattr(op, "bias_correction", None)), _clone(getattr(op, "rounded_weight", None)))
             for n, op in ops}
 
 
 def restore(ops: list[tuple[str, QuantOp]], state: dict) -> None:
     """Put a :func:`snapshot` (or :func:`load_state`) back into the ops."""
     for n, op in ops:
-        quantizers, correction = state[n]
+        quantizers, correction, rounded = state[n]
         for operand, q in quantizers.items():
             op.set_quantizer(operand, copy.deepcopy(q))
         if isinstance(op, _WeightOp):
-            op.bias_correction = None if correction is None else correction.clone()
+            op.bias_correction = _clone(correction)
+            op.set_rounded_weight(rounded)
         op.refresh()
 
 
@@ -51,12 +56,13 @@ def restore(ops: list[tuple[str, QuantOp]], state: dict) -> None:
 
 def _encode(state: dict) -> dict:
     out = {}
-    for n, (quantizers, correction) in state.items():
+    for n, (quantizers, correction, rounded) in state.items():
         out[n] = {"quantizers": {k: {"type": type(q).__name__, "spec": json.dumps(q.spec()),
                                      "calibrated": q.calibrated, "enabled": q.enabled,
                                      "tensors": {t: v.detach().cpu() for t, v in q.state_dict().items()}}
                                  for k, q in quantizers.items()},
-                  "bias_correction": None if correction is None else correction.detach().cpu()}
+                  "bias_correction": None if correction is None else correction.detach().cpu(),
+                  "rounded_weight": None if rounded is None else rounded.detach().cpu()}
     return out
 
 
@@ -70,7 +76,7 @@ def _decode(data: dict) -> dict:
             q.load_state_dict(rec["tensors"])
             q.calibrated, q.enabled = rec["calibrated"], rec["enabled"]
             quantizers[k] = q
-        state[n] = (quantizers, entry["bias_correction"])
+        state[n] = (quantizers, entry["bias_correction"], entry.get("rounded_weight"))
     return state
 
 

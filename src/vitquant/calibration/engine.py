@@ -172,7 +172,8 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
 
 
 def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[str, QuantOp]],
-                      batch_size: int, quantized_inputs: bool, need_output: bool = True) -> dict[str, OpData]:
+                      batch_size: int, quantized_inputs: bool, need_output: bool = True,
+                      need_inputs: bool = True) -> dict[str, OpData]:
     """Inputs and FP outputs of ``ops`` (one calibration unit) on the calibration images; each
     forward pass stops after the unit's last op. Under torchrun each rank runs its share of the
     batches and the rows are summed across ranks (data-parallel collection; every rank then
@@ -180,7 +181,8 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
 
     With ``quantized_inputs`` ("sequential" mode) the inputs come from the model in which every
     earlier, already calibrated unit is quantized; the targets are still the FP model's outputs.
-    ``need_output=False``: no FP outputs (a recipe without search or bias correction), one forward.
+    ``need_output=False``: no FP outputs (a recipe without search or bias correction), one forward;
+    ``need_inputs=False``: FP outputs only (one FP forward).
     """
     names = [n for n, _ in ops]
     n_images = images.shape[0]
@@ -212,17 +214,19 @@ def collect_unit_data(model: nn.Module, images: torch.Tensor, ops: list[tuple[st
     if quantized_inputs:
         if need_output:
             forward(fp=True, inputs=False, output=True)
-        forward(fp=False, inputs=True, output=False)
+        if need_inputs:
+            forward(fp=False, inputs=True, output=False)
     else:
-        forward(fp=True, inputs=True, output=need_output)
-    return {n: OpData(inputs=tuple(r.gathered() for r in inputs_of[n]),
+        forward(fp=True, inputs=need_inputs, output=need_output)
+    return {n: OpData(inputs=tuple(r.gathered() for r in inputs_of[n]) if need_inputs else (),
                       output=output_of[n].gathered() if need_output else None) for n in names}
 
 
 def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[str, QuantOp, OpData], dict],
               *, need_grad: bool, batch_size: int = 4, sequential: bool = False, unit: str = "block",
               need_output: bool = True, progress: bool = True, checkpoint: Optional[CalibrationCheckpoint] = None,
-              memory: Optional[MemoryBudget] = None, only: Optional[set[str]] = None) -> CalibrationReport:
+              memory: Optional[MemoryBudget] = None, only: Optional[set[str]] = None,
+              desc: str = "calibrating") -> CalibrationReport:
     """Calibrate every quantized op of a wrapped model, unit by unit, with ``calibrate_op``
     (the recipe's per-op step: initialise quantizers, search, extras).
 
@@ -239,7 +243,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
         with fused_kernels(False):
             report = _calibrate(model, images, calibrate_op, need_grad=need_grad, batch_size=batch_size,
                                 sequential=sequential, unit=unit, need_output=need_output, progress=progress,
-                                checkpoint=checkpoint, only=only)
+                                checkpoint=checkpoint, only=only, desc=desc)
     finally:
         _budget = previous
     if memory is not None:
@@ -248,7 +252,7 @@ def calibrate(model: nn.Module, images: torch.Tensor, calibrate_op: Callable[[st
 
 
 def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential, unit, need_output, progress,
-               checkpoint, only=None) -> CalibrationReport:
+               checkpoint, only=None, desc="calibrating") -> CalibrationReport:
     from tqdm.auto import tqdm
 
     report = CalibrationReport()
@@ -269,8 +273,18 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
     if need_grad and len(done) < len(units):
         grads = collect_gradients(model, images, batch_size)
         report.gradient_seconds = time.perf_counter() - t0
+    # Sequential per-op calibration: the FP outputs (targets) of a block's ops do not depend on the
+    # quantizers being calibrated, so one FP forward collects them for the whole block; each op
+    # then needs only the forward of the partly quantized model for its inputs.
+    block_of: dict[str, list[str]] = {}
+    if sequential and unit == "op" and need_output:
+        for _, block_ops in calibration_units(model):
+            names = [n for n, _ in block_ops if only is None or n in only]
+            for n in names:
+                block_of[n] = names
+    fp_outputs: dict[str, torch.Tensor] = {}
     total = sum(len(ops) for _, ops in units)
-    bar = tqdm(total=total, desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, unit="layer", disable=not progress, dynamic_ncols=True)
     try:
         for index, (unit_name, ops) in enumerate(units):
             if index in done:  # finished by an earlier, interrupted run
@@ -281,8 +295,19 @@ def _calibrate(model, images, calibrate_op, *, need_grad, batch_size, sequential
                     grads.pop(name, None)
                 bar.update(len(ops))
                 continue
-            data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=sequential,
-                                     need_output=need_output)
+            if block_of:
+                first = ops[0][0]
+                if first not in fp_outputs:
+                    rest = block_of[first][block_of[first].index(first):]
+                    group = [(n, op) for n, op in quant_ops(model) if n in rest]
+                    fp_outputs.update({n: d.output for n, d in collect_unit_data(
+                        model, images, group, batch_size, quantized_inputs=True, need_inputs=False).items()})
+                data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=True, need_output=False)
+                for name, _ in ops:
+                    data[name].output = fp_outputs.pop(name)
+            else:
+                data = collect_unit_data(model, images, ops, batch_size, quantized_inputs=sequential,
+                                         need_output=need_output)
             for name, op in ops:
                 bar.set_postfix_str(name)
                 t = time.perf_counter()

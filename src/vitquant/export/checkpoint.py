@@ -122,8 +122,8 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
     tensors = {}
     for key, t in model.state_dict().items():
         op_name = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and op_name in weights_q:
-            continue
+        if (key.endswith(".weight") or key.endswith(".rounded_weight")) and op_name in weights_q:
+            continue  # stored as integer codes
         tensors[key] = t.detach().cpu().contiguous()
     quantizers = {}
     for name_op, op in quant_ops(model):
@@ -131,7 +131,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
             quantizers[f"{name_op}.{operand}"] = {"type": type(q).__name__, "args": q.spec(),
                                                   "calibrated": q.calibrated, "enabled": q.enabled}
     for n, op in weights_q.items():
-        codes = op.weight_quantizer.quantize(op.weight.detach()).cpu()
+        codes = op.weight_quantizer.quantize(op.weight_to_quantize().detach()).cpu()
         tensors[f"{n}.weight_codes"] = codes.to(_code_dtype(codes)).contiguous()
     cfg = getattr(model, "vitquant_config", None)
     manifest = {

@@ -141,6 +141,19 @@ class _WeightOp(QuantOp):
         # channel, subtracted from the bias while quantization is on (the FP bias is untouched;
         # an op without bias gets one this way).
         self.register_buffer("bias_correction", None)
+        # A weight-rounding pass (``calibration.weight_rounding``: GPTQ, ERQ's ridge step) stores the
+        # quantized weight it chose here, already on the weight quantizer's grid (the quantizer maps
+        # it to itself); None: the weight is rounded to nearest. Used only while quantization is on.
+        self.register_buffer("rounded_weight", None)
+
+    def weight_to_quantize(self) -> torch.Tensor:
+        """What the weight quantizer rounds: the rounding pass's weight if there is one, else the weight."""
+        return self.weight if self.rounded_weight is None else self.rounded_weight
+
+    def set_rounded_weight(self, w: Optional[torch.Tensor]) -> None:
+        """Install (or, with None, drop) a rounding pass's on-grid weight."""
+        self.rounded_weight = None if w is None else w.detach().to(self.weight).reshape(self.weight.shape).clone()
+        self._invalidate()
 
     def output_bias(self) -> Optional[torch.Tensor]:
         """The bias the op applies: the layer's bias, minus the bias correction when quantized."""
@@ -169,7 +182,7 @@ class _WeightOp(QuantOp):
             raise ValueError(f"{self.role}: weight codes [{wq.qmin}, {wq.qmax}] do not fit 8 bits; ONNX export "
                              "supports weights of <= 8 bits")
         with torch.no_grad():
-            codes = wq.quantize(self.weight.detach())
+            codes = wq.quantize(self.weight_to_quantize().detach())
             per = self.weight.shape[0] // wq.scale.numel()
             steps = wq.scale.detach().float().repeat_interleave(per)
             zero = None
@@ -196,9 +209,9 @@ class _WeightOp(QuantOp):
         if not self._applies(wq):
             return self.weight
         if self.training or torch.is_grad_enabled():
-            return wq(self.weight)
+            return wq(self.weight_to_quantize())
         if self._wq_cache is None or self._wq_cache.device != self.weight.device:
-            self._wq_cache = wq(self.weight).detach()
+            self._wq_cache = wq(self.weight_to_quantize()).detach()
         return self._wq_cache
 
     def _apply(self, fn, recurse=True):  # device moves must drop the cached quantized weight

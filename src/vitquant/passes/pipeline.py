@@ -9,6 +9,8 @@ Each pass does one thing to the model given the calibration context; a config's 
   (Eqs. 13-15, Liu et al. 2021) after every search round;
 * ``reparameterize``: RepQ-ViT's scale reparameterisation of post-LayerNorm activations;
 * ``calibrate_folded``: the Linears the fold changed, calibrated again on the folded model (AdaLog);
+* ``round_weights``: ERQ's ridge step and GPTQ rounding of every weight, bias refitted
+  (``calibration.weight_rounding``), last;
 * ``check_mixed_precision_budget``, ``calibrate_bit_widths``, ``allocate_bits`` (Sec. 3.3, Liu et
   al. 2021; the allocation also re-measures the bias correction in the mixed model).
 """
@@ -101,6 +103,35 @@ class CalibrateFolded(Pass):
         ctx.info[self.name] = {"ops": sorted(folded), "seconds": round(r.seconds, 3)}
 
 
+class RoundWeights(Pass):
+    """Weight rounding better than nearest (``calibration.weight_rounding``: ERQ's ridge step, GPTQ,
+    bias refit), every weight op in execution order on its input in the model with all earlier ops
+    quantized and rounded, against the FP model's output; the ops' reports gain ``rounding``."""
+    name = "round_weights"
+
+    def run(self, ctx):
+        from ..calibration.engine import calibrate
+        from ..calibration.weight_rounding import round_op
+        from ..nn.modules import _WeightOp
+        from ..nn.wrap import quant_ops
+        rc = ctx.cfg.rounding
+        ops = {n for n, op in quant_ops(ctx.model) if isinstance(op, _WeightOp) and op.role in rc.roles
+               and op._applies(op.weight_quantizer)}
+        r = calibrate(ctx.model, ctx.images, round_op(rc), need_grad=False, batch_size=ctx.cfg.batch_size,
+                      sequential=True, unit="op", need_output=True, progress=ctx.progress,
+                      checkpoint=None if ctx.checkpoint is None else ctx.checkpoint.child("rounding"),
+                      memory=ctx.memory, only=ops, desc="rounding weights")
+        for name, info in r.ops.items():
+            ctx.report.ops.setdefault(name, {})["rounding"] = info
+        ctx.report.seconds += r.seconds
+        rounded = [i for i in r.ops.values() if "error_after" in i]
+        ctx.info[self.name] = {
+            "ops": len(rounded), "skipped": sorted(n for n, i in r.ops.items() if "skipped" in i),
+            "seconds": round(r.seconds, 3),
+            "mean_error_nearest": sum(i["error_nearest"] for i in rounded) / max(1, len(rounded)),
+            "mean_error_after": sum(i["error_after"] for i in rounded) / max(1, len(rounded))}
+
+
 class CheckMixedPrecisionBudget(Pass):
     """An impossible size budget fails before any calibration."""
     name = "check_mixed_precision_budget"
@@ -132,12 +163,15 @@ class AllocateBits(Pass):
 def pipeline_for(cfg) -> list[Pass]:
     """The ordered passes of ``cfg``."""
     if cfg.mixed_precision is not None:
-        return [CheckMixedPrecisionBudget(), CalibrateBitWidths(), AllocateBits()]
-    passes = [AttachQuantizers(), Calibrate()]
-    if cfg.reparameterize:
-        passes.append(Reparameterize())
-        if cfg.fpcs is not None:
-            passes.append(CalibrateFolded())
+        passes = [CheckMixedPrecisionBudget(), CalibrateBitWidths(), AllocateBits()]
+    else:
+        passes = [AttachQuantizers(), Calibrate()]
+        if cfg.reparameterize:
+            passes.append(Reparameterize())
+            if cfg.fpcs is not None:
+                passes.append(CalibrateFolded())
+    if getattr(cfg, "rounding", None) is not None:
+        passes.append(RoundWeights())
     return passes
 
 
