@@ -26,10 +26,13 @@ def _configs():
         "tsptq full": get_recipe("tsptq", 6, 6, **FAST),
         "tsptq uniform LayerNorm, per-channel weights": get_recipe("tsptq", 8, 8, **FAST).replace(
             layernorm_quantizer="uniform", per_channel_weights=True),
+        "vitq (GPTQ-rounded weights)": get_recipe("vitq", 4, 4, num_candidates=32, width=8, steps=2, rounds=1,
+                                                  gelu_bases=4, gelu_ranges=4, gelu_width=8),
     }
 
 
-CASES = [(r, "vit") for r in _configs()] + [("liu2021 mixed precision", "swin"), ("tsptq full", "swin")]
+CASES = [(r, "vit") for r in _configs()] + [("liu2021 mixed precision", "swin"), ("tsptq full", "swin"),
+                                            ("vitq (GPTQ-rounded weights)", "swin")]
 
 
 @pytest.mark.parametrize("recipe,family", CASES, ids=[f"{r}-{f}" for r, f in CASES])

@@ -152,3 +152,23 @@ def test_cells_are_dispatched_one_process_per_gpu(sample_dir, checkpoint, tmp_pa
         sweep.resolve_devices(["cuda"])
     with pytest.raises(VitquantError, match="unknown device 'gpu0'"):
         sweep.resolve_devices(["gpu0"])
+
+
+def test_only_runs_the_matching_cells_and_a_glob_matching_nothing_fails(sample_dir, checkpoint, tmp_path,  # noqa: F811
+                                                                        monkeypatch):
+    from vitquant import sweep
+    spec = load_spec(write_spec(tmp_path, sample_dir, checkpoint))
+    ran = []
+
+    def fake_run(cmd, env, **kw):
+        ran.append(cmd[cmd.index("--json") + 1])
+        with open(ran[-1], "w") as f:
+            json.dump({"quant_top1": 1.0}, f)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    target = spec.cells[-1].id
+    counts = sweep.run_sweep(spec, tmp_path / "out", ["cpu"], progress=False, only=[target])
+    assert counts["ok"] == counts["cells"] == 1 and len(ran) == 1 and target in ran[0]
+    with pytest.raises(VitquantError, match="matches no cell"):
+        sweep.run_sweep(spec, tmp_path / "out", ["cpu"], progress=False, only=["nothing__*"])

@@ -186,3 +186,21 @@ def test_cli_rounding_switches_reach_the_config_and_bad_combinations_fail(sample
         assert main([*common, *bad, "--json", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and not out.exists()
+
+
+def test_vitq_on_swin_rounds_every_weight_but_the_head_and_exports(tmp_path):
+    from conftest import tiny_swin
+    from vitquant.export.onnx import OrtModel, export_onnx
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cfg = get_recipe("vitq", 4, 4, num_candidates=32, width=8, steps=2, rounds=1, gelu_bases=4, gelu_ranges=4,
+                     gelu_width=8)
+    model, report = quantize(tiny_swin(), x, cfg, progress=False)
+    assert report.pipeline == ["attach_quantizers", "calibrate", "reparameterize", "calibrate_folded", "round_weights"]
+    rounded = {n for n, op in vitquant.quant_ops(model) if getattr(op, "rounded_weight", None) is not None}
+    assert any("downsample.reduction" in n for n in rounded) and "head.fc" not in rounded
+    assert report.pass_info["round_weights"]["ops"] == len(rounded)
+    summary = export_onnx(model, tmp_path / "m.onnx")
+    assert summary["check"]["ok"]
+    with torch.no_grad():
+        out = model(x)
+    assert float((OrtModel(tmp_path / "m.onnx")(x) - out).abs().max()) < 1e-3 * float(out.abs().max())

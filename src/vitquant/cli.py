@@ -405,7 +405,7 @@ def run_bench(args) -> list:
 
 def run_sweep_command(args) -> dict:
     from .io import atomic_write_json
-    from .sweep import cell_status, load_spec, resolve_devices, run_sweep
+    from .sweep import cell_status, load_spec, resolve_devices, run_sweep, select_cells
     if args.json:
         _check_writable(args.json)
     spec = load_spec(args.spec)
@@ -414,10 +414,10 @@ def run_sweep_command(args) -> dict:
         raise VitquantError("no output directory: give --out or 'out:' in the spec")
     devices = resolve_devices(args.devices)
     if args.dry_run:
-        for c in spec.cells:
+        for c in select_cells(spec.cells, args.only):
             print(f"{cell_status(Path(out), c):6s} {c.id}")
         return {"cells": len(spec.cells)}
-    counts = run_sweep(spec, out, devices, timeout=args.cell_timeout, progress=not args.quiet)
+    counts = run_sweep(spec, out, devices, timeout=args.cell_timeout, progress=not args.quiet, only=args.only)
     print(f"sweep {spec.name}: {counts['cells']} cells, {counts['skipped_done']} already done, "
           f"{counts['ok']} ran now, {counts['failed']} failed ({counts['retried']} were retries of failed cells); "
           f"results in {out}/cells")

@@ -212,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where cells run, one process per entry at a time: cpu, cuda:0, cuda:1, ..., or "
                          "cuda for every visible GPU (repeat cpu to run CPU cells in parallel)")
     sw.add_argument("--cell-timeout", type=_positive_float, help="seconds before a cell is stopped and failed")
+    sw.add_argument("--only", nargs="+", metavar="GLOB",
+                    help="run only the cells whose id matches one of these globs, e.g. 'deit_tiny__vitq__w4a4__*'")
     sw.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
     sw.add_argument("--report", action="store_true", help="render the report when the sweep is done")
     sw.add_argument("--json", help="write the run's counts as JSON")

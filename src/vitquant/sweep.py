@@ -7,6 +7,7 @@ the sweep down; on GPUs each process gets one device) and writes its result JSON
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import queue
@@ -262,9 +263,21 @@ def _run_cell(out: Path, cell: Cell, device: str, timeout: Optional[float]) -> t
     return False, message
 
 
+def select_cells(cells: list, only: Optional[list[str]]) -> list:
+    """The cells whose id matches one of the ``only`` globs (all without); a glob that matches no
+    cell is an error (a typo would otherwise run nothing, silently)."""
+    if not only:
+        return list(cells)
+    unmatched = [g for g in only if not any(fnmatch.fnmatchcase(c.id, g) for c in cells)]
+    if unmatched:
+        raise VitquantError(f"--only {' '.join(unmatched)} matches no cell of the sweep (ids look like {cells[0].id})")
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.id, g) for g in only)]
+
+
 def run_sweep(spec: SweepSpec, out: str | os.PathLike, devices: list[str], *, timeout: Optional[float] = None,
-              progress: bool = True) -> dict:
-    """Run every unfinished cell, one process per device at a time. Returns counts."""
+              progress: bool = True, only: Optional[list[str]] = None) -> dict:
+    """Run every unfinished cell (with ``only``: of the cells matching those globs), one process
+    per device at a time. Returns counts."""
     from tqdm.auto import tqdm
     out = Path(out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -272,9 +285,10 @@ def run_sweep(spec: SweepSpec, out: str | os.PathLike, devices: list[str], *, ti
         {"id": c.id, "model": c.model, "model_label": c.model_label, "method": c.method,
          "method_label": c.method_label, "w_bits": c.w_bits, "a_bits": c.a_bits, "num_calib": c.num_calib,
          "seed": c.seed} for c in spec.cells]})
-    status = {c.id: cell_status(out, c) for c in spec.cells}
-    todo = [c for c in spec.cells if status[c.id] != "done"]
-    counts = {"cells": len(spec.cells), "skipped_done": len(spec.cells) - len(todo),
+    chosen = select_cells(spec.cells, only)
+    status = {c.id: cell_status(out, c) for c in chosen}
+    todo = [c for c in chosen if status[c.id] != "done"]
+    counts = {"cells": len(chosen), "skipped_done": len(chosen) - len(todo),
               "retried": sum(status[c.id] == "failed" for c in todo), "ok": 0, "failed": 0}
     work: queue.Queue = queue.Queue()
     for c in todo:

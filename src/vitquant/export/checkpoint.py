@@ -206,6 +206,10 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
         op.bias_correction = torch.zeros(op.weight.shape[0])
     sd = load_file(str(path / TENSORS))
     codes = {k[: -len(".weight_codes")]: sd.pop(k) for k in list(sd) if k.endswith(".weight_codes")}
+    for k in sd:  # the reparameterisation gives a bias to a Linear built without one (Swin's reduction)
+        op = ops.get(k[:-len(".bias")]) if k.endswith(".bias") else None
+        if op is not None and getattr(op, "bias", False) is None and sd[k].dim() == 1:
+            op.bias = nn.Parameter(torch.zeros_like(sd[k]))
     own = model.state_dict()
     expected = {k for k in own if not (k.endswith(".weight") and k[:-len(".weight")] in codes)}
     if set(sd) != expected or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in sd):
