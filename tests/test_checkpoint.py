@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_swin, tiny_vit
 import vitquant
 from vitquant import VitquantError, get_recipe, quantize
-from vitquant.recipes import MixedPrecisionConfig
+from vitquant.recipes import MixedPrecisionConfig, RoundingConfig
 
 VIT_ARGS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
 SWIN_ARGS = dict(img_size=32, patch_size=2, window_size=4, embed_dim=24, depths=(2, 2), num_heads=(2, 4),
@@ -27,7 +27,8 @@ def _configs():
         "tsptq uniform LayerNorm, per-channel weights": get_recipe("tsptq", 8, 8, **FAST).replace(
             layernorm_quantizer="uniform", per_channel_weights=True),
         "vitq (GPTQ-rounded weights)": get_recipe("vitq", 4, 4, num_candidates=32, width=8, steps=2, rounds=1,
-                                                  gelu_bases=4, gelu_ranges=4, gelu_width=8),
+                                                  gelu_bases=4, gelu_ranges=4, gelu_width=8).replace(
+            rounding=RoundingConfig()),
     }
 
 

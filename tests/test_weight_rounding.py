@@ -194,6 +194,9 @@ def test_vitq_on_swin_rounds_every_weight_but_the_head_and_exports(tmp_path):
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     cfg = get_recipe("vitq", 4, 4, num_candidates=32, width=8, steps=2, rounds=1, gelu_bases=4, gelu_ranges=4,
                      gelu_width=8)
+    small = dict(num_candidates=32, width=8, steps=2, rounds=1, gelu_bases=4, gelu_ranges=4, gelu_width=8)
+    assert cfg.rounding is None and cfg.replace(method="adalog") == get_recipe("adalog", 4, 4, **small)  # defaults
+    cfg = cfg.replace(rounding=RoundingConfig())  # the opt-in rounding pass
     model, report = quantize(tiny_swin(), x, cfg, progress=False)
     assert report.pipeline == ["attach_quantizers", "calibrate", "reparameterize", "calibrate_folded", "round_weights"]
     rounded = {n for n, op in vitquant.quant_ops(model) if getattr(op, "rounded_weight", None) is not None}

@@ -315,13 +315,11 @@ def adalog(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
 
 
 def vitq(w_bits: int = 4, a_bits: int = 4) -> QuantConfig:
-    """vitquant's flagship, calibration only: AdaLog's quantizers and FPCS search
-    (:func:`adalog`: adaptive-base log post-softmax, shifted log post-GELU, per-head q / k / v,
-    per-channel weights, post-LayerNorm reparameterisation), then every weight (the head excepted)
-    rounded by GPTQ on the quantized model's inputs against the FP outputs, with the least-squares
-    bias refit as its bias correction (``calibration.weight_rounding``). The defaults were chosen on
-    calibration-split images 33-128 (README, "Flagship recipe")."""
-    return dataclasses.replace(adalog(w_bits, a_bits), method="vitq", rounding=RoundingConfig())
+    """vitquant's flagship, calibration only. Today its defaults, chosen on calibration-split images
+    33-128 (README, "Flagship recipe"), are AdaLog's pipeline (:func:`adalog`): the GPTQ weight
+    rounding pass (``rounding=RoundingConfig()``, CLI ``--rounding gptq``) lowered W4A4 there and is
+    opt-in; the recipe is where parts that help on held-out images are added."""
+    return dataclasses.replace(adalog(w_bits, a_bits), method="vitq")
 
 
 def tsptq(w_bits: int = 8, a_bits: int = 8) -> QuantConfig:
