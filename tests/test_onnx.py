@@ -219,7 +219,8 @@ def test_exact_int8_storage_is_exact_on_an_avx2_only_cpu(tmp_path):
         np.save(tmp_path / "sim.npy", model(x).numpy())
     np.save(tmp_path / "x.npy", x.numpy())
     export_onnx(model, tmp_path / "exact.onnx")
-    export_onnx(model, tmp_path / "fast.onnx", int8="fast")
+    # unchecked: on a host without VNNI the fast file's export check fails, as this test shows emulated
+    export_onnx(model, tmp_path / "fast.onnx", int8="fast", verify=False)
     (tmp_path / "run.py").write_text(_ORT_RUNNER)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     done = subprocess.run(["qemu-x86_64", "-cpu", "Haswell", os.path.realpath(sys.executable), str(tmp_path / "run.py"),
