@@ -414,9 +414,10 @@ def run_sweep_command(args) -> dict:
         raise VitquantError("no output directory: give --out or 'out:' in the spec")
     devices = resolve_devices(args.devices)
     if args.dry_run:
-        for c in select_cells(spec.cells, args.only):
+        chosen = select_cells(spec.cells, args.only)
+        for c in chosen:
             print(f"{cell_status(Path(out), c):6s} {c.id}")
-        return {"cells": len(spec.cells)}
+        return {"cells": len(chosen)}
     counts = run_sweep(spec, out, devices, timeout=args.cell_timeout, progress=not args.quiet, only=args.only)
     print(f"sweep {spec.name}: {counts['cells']} cells, {counts['skipped_done']} already done, "
           f"{counts['ok']} ran now, {counts['failed']} failed ({counts['retried']} were retries of failed cells); "

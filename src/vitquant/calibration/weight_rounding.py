@@ -200,19 +200,15 @@ def round_weight(op: _WeightOp, data: OpData, cfg: RoundingConfig) -> dict:
         q = gptq(target, hc, fq, cfg.damp, cfg.act_order, cfg.block_size)
     else:
         q = fq(target).double()
-    if cfg.refit_bias:
-        b = my - q @ mx
-    else:
-        b = None if bias is None else bias.double()
     op.set_rounded_weight(q.float().reshape(op.weight.shape))
-    if cfg.refit_bias:
+    if cfg.refit_bias:  # the least-squares bias for the chosen codes, as a correction of the FP bias
         fp_bias = torch.zeros(out_ch, dtype=torch.float64) if op.bias is None else op.bias.detach().double()
-        op.bias_correction = (fp_bias - b).to(op.weight.dtype)
+        op.bias_correction = (fp_bias - (my - q @ mx)).to(op.weight.dtype)
     op.refresh()
-    after = _output_error(x, y, op.quantized_weight().reshape(out_ch, -1).double(),
-                          None if op.output_bias() is None else op.output_bias().double())
+    chosen = op.quantized_weight().reshape(out_ch, -1).double()
+    after = _output_error(x, y, chosen, None if op.output_bias() is None else op.output_bias().double())
     info["error_after"] = after / variance
-    info["changed"] = float((op.quantized_weight().reshape(out_ch, -1).double() != nearest).double().mean())
+    info["changed"] = float((chosen != nearest).double().mean())
     return info
 
 
