@@ -63,6 +63,39 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
     (tmp_path / "typo.yaml").write_text(f"models: [{MODEL}]\nmethods: [base]\nbits: [W8A8]\nseeds: [0]\n"
                                         "options: {num_candidate: 8}\n")
     (tmp_path / "typo_key.yaml").write_text(f"modles: [{MODEL}]\nmethods: [base]\nbits: [W8A8]\n")
+    images = sorted(f.name for f in (sample_dir / "images").iterdir())
+    (tmp_path / "labels_1005.txt").write_text("".join(f"{n} {1005 if i == len(images) - 1 else 3}\n" for i, n in enumerate(images)))
+    (tmp_path / "labels_ghost.txt").write_text("".join(f"{n} 3\n" for n in images) + "ghost_9.JPEG 3\n")
+    (tmp_path / "garbage.onnx").write_bytes(b"\x08\x07not an onnx protobuf" * 50)
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32, 32])])
+    whole = helper.make_model(graph, producer_name="x" * 200).SerializeToString()
+    (tmp_path / "truncated.onnx").write_bytes(whole[: len(whole) // 2])
+
+    def saved_variant(name, edit_manifest=None, tensors=None):
+        d = tmp_path / name
+        shutil.copytree(saved, d)
+        if tensors is not None:
+            (d / "model.safetensors").write_bytes(tensors)
+        m = json.loads((d / "manifest.json").read_text())
+        if tensors is not None:
+            import hashlib
+            m["tensors_sha256"] = hashlib.sha256(tensors).hexdigest()
+        if edit_manifest is not None:
+            edit_manifest(m)
+        (d / "manifest.json").write_text(json.dumps(m))
+        return str(d)
+    newer = saved_variant("newer", lambda m: m.update(format="vitquant-checkpoint/2", vitquant_version="9.0.0"))
+    incomplete = saved_variant("incomplete", lambda m: m.pop("quantizers"))
+    unknown_q = saved_variant("unknown_q", lambda m: next(iter(m["quantizers"].values())).update(type="Future9"))
+    bad_tensors = saved_variant("bad_tensors", tensors=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    cut_manifest = tmp_path / "cut_manifest"
+    shutil.copytree(saved, cut_manifest)
+    text = (cut_manifest / "manifest.json").read_text()
+    (cut_manifest / "manifest.json").write_text(text[: len(text) // 2])
     base = ["quantize", MODEL, "--checkpoint", str(checkpoint), *data_args(sample_dir), *FAST, *SEARCH]
     img = str(sample_dir / "images")
     return {
@@ -94,6 +127,14 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
         "list names files that do not exist": (base + ["--calib-list", str(tmp_path / "ghosts.txt")], "are not in"),
         "labels file with an unknown class": (["eval", str(saved), "--eval-data", img, "--labels",
                                                str(tmp_path / "labels.txt"), "--quiet"], "unknown label"),
+        "labels outside the model's classes (quantize)": (base + ["--eval-list", str(sample_dir / "splits" / "eval.txt"),
+                                                                  "--labels", str(tmp_path / "labels_1005.txt")],
+                                                          "outside the model's 1000 classes"),
+        "labels outside the model's classes (eval)": (["eval", str(saved), "--eval-data", img, "--labels",
+                                                       str(tmp_path / "labels_1005.txt"), "--quiet"],
+                                                      "outside the model's 1000 classes"),
+        "labels file naming missing images": (["eval", str(saved), "--eval-data", img, "--labels",
+                                               str(tmp_path / "labels_ghost.txt"), "--quiet"], "not in"),
         # options
         "bits 0": (base + ["--w-bits", "0"], "bit-width"),
         "bits 1": (base + ["--a-bits", "1"], "bit-width"),
@@ -133,6 +174,19 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
                                         "does not match its manifest"),
         "missing ONNX file": (["eval", str(tmp_path / "nope.onnx"), "--eval-data", img, "--quiet"],
                               "ONNX file not found"),
+        "corrupt ONNX file": (["eval", str(tmp_path / "garbage.onnx"), "--eval-data", img, "--quiet"],
+                              "cannot read ONNX file"),
+        "truncated ONNX file": (["eval", str(tmp_path / "truncated.onnx"), "--eval-data", img, "--quiet"],
+                                "cannot read ONNX file"),
+        "saved directory from a newer vitquant": (["eval", newer, "--eval-data", img, "--quiet"], "upgrade vitquant"),
+        "manifest lacking a field": (["eval", incomplete, "--eval-data", img, "--quiet"], "lacks quantizers"),
+        "manifest naming an unknown quantizer": (["eval", unknown_q, "--eval-data", img, "--quiet"],
+                                                 "unknown type 'Future9'"),
+        "unreadable safetensors (hash matches)": (["eval", bad_tensors, "--eval-data", img, "--quiet"],
+                                                  "cannot read"),
+        "truncated manifest": (["eval", str(cut_manifest), "--eval-data", img, "--quiet"], "cannot read"),
+        "export of a truncated manifest": (["export", str(cut_manifest), "--onnx", str(tmp_path / "c.onnx")],
+                                           "cannot read"),
         "bench of a directory that is no checkpoint": (["bench", str(tmp_path / "empty")], "not a vitquant checkpoint"),
         # sweeps
         "sweep spec with a misspelt option": (["sweep", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "sw")],

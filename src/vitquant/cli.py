@@ -103,7 +103,7 @@ def run_quantize(args) -> dict:
     from . import __version__
     from .api import quantize
     from .data import default_sample, load_images
-    from .evaluate import compare, model_size_mb
+    from .evaluate import check_labels, compare, model_size_mb
     from .io import atomic_write_json
     from .models import data_config_for, load_model
     from .quantizers.kernels import fused_kernels_enabled, set_fused_kernels
@@ -165,6 +165,7 @@ def run_quantize(args) -> dict:
             if args.num_eval > len(evalset):
                 raise VitquantError(f"--num-eval {args.num_eval} but only {len(evalset)} evaluation images")
             evalset = evalset.subset(args.num_eval)
+        check_labels(evalset.labels, getattr(model, "num_classes", None))
     for s, what in ((calib, "calibration"), (evalset, "evaluation")):
         if s is None:
             continue
@@ -338,7 +339,7 @@ def run_eval(args) -> dict:
     import torch
 
     from .data import load_images
-    from .evaluate import predict_top5, topk_accuracy
+    from .evaluate import check_labels, predict_top5, topk_accuracy
     from .io import atomic_write_json
     if args.json:
         _check_writable(args.json)
@@ -348,8 +349,6 @@ def run_eval(args) -> dict:
     rank, _ = init_distributed()
     if str(args.model).endswith(".onnx"):
         from .export.onnx import OrtModel
-        if not os.path.isfile(args.model):
-            raise VitquantError(f"ONNX file not found: {args.model}")
         model = OrtModel(args.model, args.threads)
         if "vitquant.model" not in model.metadata:
             raise VitquantError(f"{args.model} was not exported by vitquant (no model metadata)")
@@ -363,9 +362,10 @@ def run_eval(args) -> dict:
     evalset = load_images(args.eval_data, data_config, list_file=args.eval_list, labels_file=args.labels,
                           use_cache=not args.no_cache, progress=not args.quiet, require_labels=True,
                           limit=args.num_eval)
+    check_labels(evalset.labels, getattr(model, "num_classes", None))
     with torch.no_grad():
         pred = predict_top5(model, evalset, args.batch_size, progress=not args.quiet)
-    top1, top5 = topk_accuracy(pred.top5, evalset.labels)
+    top1, top5 = topk_accuracy(pred.top5, evalset.labels, pred.num_classes)
     result = {"model": str(args.model), "runtime": runtime, "num_eval": len(evalset), "top1": round(top1, 4),
               "top5": round(top5, 4), "eval_seconds": round(pred.seconds, 3), "eval_data": evalset.describe(),
               "top5_indices_sha256": hashlib.sha256(pred.top5.numpy().tobytes()).hexdigest()}

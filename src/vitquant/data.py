@@ -102,6 +102,11 @@ def discover(root: str | Path, list_file: Optional[str | Path] = None,
         names = sorted(f.name for f in root.iterdir() if f.is_file() and _is_image(f))
         if labels_file is not None:
             table = _read_labels(Path(labels_file), classes)
+            known = set(names) | {Path(n).stem for n in names}
+            ghosts = [k for k in table if k not in known]
+            if ghosts:
+                raise VitquantError(f"{len(ghosts)} of {len(table)} entries of {labels_file} name images that are not "
+                                    f"in {root} (e.g. {ghosts[0]}): a labels file must describe the data directory")
             labels = [table.get(n, table.get(Path(n).stem, -1)) for n in names]
             unlabelled = [n for n, lab in zip(names, labels) if lab < 0]
             if unlabelled:

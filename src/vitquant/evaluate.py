@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .data import ImageSet
+from .errors import VitquantError
 from .nn.modules import _WeightOp
 from .nn.wrap import quantization_disabled
 
@@ -18,6 +19,17 @@ class Prediction(NamedTuple):
     seconds: float  # wall time of the timed pass over all images
     warmup_seconds: float  # the untimed first forward (one-off costs: kernel compilation, allocator)
     images_per_rank: tuple = ()  # under torchrun: how many images each rank evaluated
+    num_classes: int = 0  # width of the logits
+
+
+def check_labels(labels: Optional[torch.Tensor], num_classes: Optional[int], what: str = "evaluation labels") -> None:
+    """A label outside ``[0, num_classes)`` can never be predicted: top-1 would be silently wrong."""
+    if labels is None or not num_classes or not len(labels):
+        return
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        raise VitquantError(f"{int(bad.sum())} {what} lie outside the model's {num_classes} classes "
+                            f"(e.g. class {int(labels[bad][0])}): labels and model do not fit")
 
 
 @torch.no_grad()
@@ -31,6 +43,7 @@ def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, devic
     rank, world = distributed()
     model.eval()
     out = []
+    num_classes = 0
     t0 = time.perf_counter()
     if warmup and len(images):
         model(images.tensors(0, 2).to(device))
@@ -43,13 +56,14 @@ def predict_top5(model: nn.Module, images: ImageSet, batch_size: int = 64, devic
         logits = model(images.tensors(i, i + batch_size).to(device))
         if not torch.isfinite(logits).all():
             raise FloatingPointError(f"non-finite logits while {desc}")
+        num_classes = logits.shape[-1]
         out.append(logits.topk(5, dim=-1).indices.cpu())
     top5 = torch.cat(out) if out else torch.empty(0, 5, dtype=torch.long)
     seconds = time.perf_counter() - t0
     per_rank: tuple = (top5.shape[0],)
     if world > 1:
         top5, seconds, per_rank = _gather_batches(top5, starts, len(images), batch_size, seconds)
-    return Prediction(top5, seconds, warmup_s, per_rank)
+    return Prediction(top5, seconds, warmup_s, per_rank, num_classes)
 
 
 def _gather_batches(top5: torch.Tensor, starts: list[int], n: int, batch_size: int, seconds: float):
@@ -68,8 +82,9 @@ def _gather_batches(top5: torch.Tensor, starts: list[int], n: int, batch_size: i
     return full, max(p[2] for p in parts), tuple(p[1].shape[0] for p in parts)
 
 
-def topk_accuracy(top5: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(top-1 %, top-5 %)."""
+def topk_accuracy(top5: torch.Tensor, labels: torch.Tensor, num_classes: Optional[int] = None) -> tuple[float, float]:
+    """(top-1 %, top-5 %); with ``num_classes`` (the logits' width) labels outside the classes are an error."""
+    check_labels(labels, num_classes)
     hit = top5 == labels[:, None]
     return 100.0 * hit[:, 0].float().mean().item(), 100.0 * hit.any(1).float().mean().item()
 
@@ -94,13 +109,14 @@ def compare(model: nn.Module, images: ImageSet, batch_size: int = 64, device: st
     ``fp32``: the FP32 :class:`Prediction` of an earlier call, to evaluate FP32 once for many runs."""
     if images.labels is None:
         raise ValueError("evaluation images need labels")
+    check_labels(images.labels, getattr(model, "num_classes", None))
     if fp32 is None:
         with quantization_disabled(model):
             fp32 = predict_top5(model, images, batch_size, device, progress, "evaluating FP32")
     fp, fp_s = fp32.top5, fp32.seconds
-    q, q_s, q_warm, per_rank = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
+    q, q_s, q_warm, per_rank, _ = predict_top5(model, images, batch_size, device, progress, "evaluating quantized")
     labels = images.labels
-    f1, f5 = topk_accuracy(fp, labels)
+    f1, f5 = topk_accuracy(fp, labels, fp32.num_classes)
     q1, q5 = topk_accuracy(q, labels)
     agree = 100.0 * (fp[:, 0] == q[:, 0]).float().mean().item()
     return Comparison(f1, f5, q1, q5, f1 - q1, agree, fp_s, q_s, q_warm, per_rank)

@@ -163,6 +163,9 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
     return manifest
 
 
+_MANIFEST_KEYS = ("model", "model_args", "tensors_sha256", "quantizers", "bias_correction")
+
+
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not (path / MANIFEST).is_file() or not (path / TENSORS).is_file():
@@ -171,8 +174,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VitquantError(f"cannot read {path / MANIFEST}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
         raise VitquantError(f"{path / MANIFEST}: not a {FORMAT} manifest")
+    if manifest["format"] != FORMAT:
+        from .. import __version__
+        raise VitquantError(f"{path} was written in format {manifest['format']} by vitquant "
+                            f"{manifest.get('vitquant_version', '?')}; this vitquant {__version__} reads {FORMAT}: "
+                            "upgrade vitquant to load it")
+    missing = [k for k in _MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise VitquantError(f"{path / MANIFEST} lacks {', '.join(missing)}: corrupt or hand-edited")
     return manifest
 
 
@@ -181,6 +192,7 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     import timm
     from safetensors.torch import load_file
 
+    from .. import __version__
     from ..models import sha256_file
     from ..quantizers import QUANTIZER_TYPES
     from ..recipes import config_from_dict
@@ -196,15 +208,24 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     ops = dict(quant_ops(model))
     for key, spec in manifest["quantizers"].items():
         op_name, operand = key.rsplit(".", 1)
-        if op_name not in ops or spec["type"] not in QUANTIZER_TYPES:
+        if spec.get("type") not in QUANTIZER_TYPES:
+            raise VitquantError(f"checkpoint quantizer {key}: unknown type {spec.get('type')!r} (written by vitquant "
+                                f"{manifest.get('vitquant_version', '?')}; this is {__version__})")
+        if op_name not in ops:
             raise VitquantError(f"checkpoint quantizer {key} ({spec['type']}) does not fit {manifest['model']}")
-        q = QUANTIZER_TYPES[spec["type"]](**spec["args"])
+        try:
+            q = QUANTIZER_TYPES[spec["type"]](**spec["args"])
+        except (TypeError, ValueError, KeyError) as e:
+            raise VitquantError(f"checkpoint quantizer {key} ({spec['type']}): bad arguments in {MANIFEST}: {e}") from None
         q.calibrated, q.enabled = spec["calibrated"], spec["enabled"]
         ops[op_name].set_quantizer(operand, q)
     for n in manifest["bias_correction"]:
         op = ops[n]
         op.bias_correction = torch.zeros(op.weight.shape[0])
-    sd = load_file(str(path / TENSORS))
+    try:
+        sd = load_file(str(path / TENSORS))
+    except Exception as e:  # safetensors' SafetensorError: header or data unreadable
+        raise VitquantError(f"cannot read {path / TENSORS}: {e}") from None
     codes = {k[: -len(".weight_codes")]: sd.pop(k) for k in list(sd) if k.endswith(".weight_codes")}
     for k in sd:  # the reparameterisation gives a bias to a Linear built without one (Swin's reduction)
         op = ops.get(k[:-len(".bias")]) if k.endswith(".bias") else None

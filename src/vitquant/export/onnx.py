@@ -20,6 +20,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from ..errors import VitquantError
 from ..io import _atomic
 from ..models import input_size
 from ..nn.wrap import quant_ops, quantization_disabled
@@ -200,9 +201,17 @@ class OrtModel:
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
         import onnx
         self.path = str(path)
-        self.session = session(path, threads)
+        if not os.path.isfile(self.path):
+            raise VitquantError(f"ONNX file not found: {self.path}")
+        try:
+            self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+            self.session = session(path, threads)
+        except Exception as e:  # onnx's DecodeError, ORT's InvalidProtobuf / Fail: all mean an unreadable file
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise VitquantError(f"cannot read ONNX file {self.path} (corrupt or truncated?): {first}") from None
         self.input_name = self.session.get_inputs()[0].name
-        self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+        width = self.session.get_outputs()[0].shape[-1]
+        self.num_classes = width if isinstance(width, int) else None
         if self.metadata.get("vitquant.int8") == "fast":
             from ..report import cpu_info
             cpu = cpu_info()
