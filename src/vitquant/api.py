@@ -20,7 +20,8 @@ from .recipes import QuantConfig, attach_quantizers, calibrate_op, get_recipe
 
 def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config: Union[QuantConfig, str] = "ptq4vit",
              *, progress: bool = True, work_dir: Optional[Union[str, os.PathLike]] = None,
-             max_memory_gb: Optional[float] = None) -> tuple[nn.Module, CalibrationReport]:
+             max_memory_gb: Optional[float] = None,
+             recon_data: Optional[Union[torch.Tensor, ImageSet]] = None) -> tuple[nn.Module, CalibrationReport]:
     """Wrap a timm ViT / DeiT / Swin in place, attach the config's quantizers and calibrate them.
 
     ``calib_data``: normalised images ``[N, 3, H, W]`` or an :class:`ImageSet` (no labels needed).
@@ -29,21 +30,28 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     images resumes from the last finished block (a different run refuses the directory).
     ``max_memory_gb``: keep calibration within this much RAM; collected activations go to
     disk-backed memory maps (in ``work_dir``, else the temp directory) when they would not fit.
+    ``recon_data``: the images of the reconstruction pass (``config.reconstruction``), when it
+    should see more (or other) images than calibration; default: ``calib_data``.
     Returns the quantized model (quantization on; see ``quantization_disabled`` for FP) and the
     calibration report.
     """
     cfg = get_recipe(config) if isinstance(config, str) else config
-    images = calib_data.tensors() if isinstance(calib_data, ImageSet) else calib_data
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError("calibration data must be a non-empty [N, 3, H, W] tensor or ImageSet")
-    if not torch.isfinite(images).all():
-        raise ValueError("calibration images contain NaN or infinite values")
+    images = _image_tensor(calib_data, "calibration")
+    recon = None
+    if recon_data is not None:
+        if cfg.reconstruction is None:
+            raise ValueError("reconstruction images given but the config has no reconstruction pass")
+        recon = _image_tensor(recon_data, "reconstruction")
     for name, p in model.named_parameters():
         if not torch.isfinite(p).all():
             raise ValueError(f"model parameter {name} contains NaN or infinite values")
     device = next(model.parameters()).device
     images = images.to(device)
-    checkpoint = None if work_dir is None else CalibrationCheckpoint(work_dir, run_fingerprint(model, images, cfg))
+    recon = None if recon is None else recon.to(device)
+    fingerprint = run_fingerprint(model, images, cfg)
+    if recon is not None:
+        fingerprint["recon_images"] = {"shape": list(recon.shape), "sha256": tensor_sha256(recon)}
+    checkpoint = None if work_dir is None else CalibrationCheckpoint(work_dir, fingerprint)
     memory = None
     if max_memory_gb is not None:
         if max_memory_gb <= 0:
@@ -54,8 +62,17 @@ def quantize(model: nn.Module, calib_data: Union[torch.Tensor, ImageSet], config
     model.eval()
     model.vitquant_config = cfg  # recorded by vitquant.save
     from .passes.pipeline import Context, pipeline_for, run_pipeline
-    ctx = Context(model, images, cfg, device, progress, checkpoint, memory)
+    ctx = Context(model, images, cfg, device, progress, checkpoint, memory, recon_images=recon)
     return model, run_pipeline(pipeline_for(cfg), ctx)
+
+
+def _image_tensor(data, what: str) -> torch.Tensor:
+    images = data.tensors() if isinstance(data, ImageSet) else data
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] == 0:
+        raise ValueError(f"{what} data must be a non-empty [N, 3, H, W] tensor or ImageSet")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{what} images contain NaN or infinite values")
+    return images
 
 
 def run_fingerprint(model: nn.Module, images: torch.Tensor, cfg: QuantConfig) -> dict:

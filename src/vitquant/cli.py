@@ -60,6 +60,7 @@ def _config_from_args(args):
         if args.layernorm_quantizer and not cfg.quantize_layernorm:
             raise VitquantError("--layernorm-quantizer needs the fully quantized setting; add --quantize-layernorm")
         cfg = _rounding_from_args(cfg, args)
+        cfg = _reconstruction_from_args(cfg, args)
         mp = dict(choices=args.bit_choices, target_bits=args.target_bits, target_size_mb=args.target_size_mb,
                   sensitivity=args.sensitivity, omega=args.omega, remeasure_bias=args.remeasure_bias)
         mp = {k: v for k, v in mp.items() if v is not None}
@@ -95,6 +96,24 @@ def _rounding_from_args(cfg, args):
     if base.method != "gptq" and ("damp" in knobs or "act_order" in knobs):
         raise VitquantError("--gptq-damp and --act-order need --rounding gptq")
     return cfg.replace(rounding=dc_replace(base, **knobs))
+
+
+_RECON_FLAGS = {"iters": "--recon-iters", "batch_size": "--recon-batch-size", "loss": "--recon-loss",
+                "drop_prob": "--qdrop", "lr_round": "--recon-lr-round", "lr_step": "--recon-lr-step",
+                "round_weight": "--recon-round-weight", "learn_steps": "--recon-learn-steps"}
+
+
+def _reconstruction_from_args(cfg, args):
+    """``--reconstruct`` and its knobs: a reconstruction pass seeded with ``--seed``."""
+    from .calibration.reconstruction import ReconstructionConfig
+    knobs = {k: getattr(args, flag[2:].replace("-", "_")) for k, flag in _RECON_FLAGS.items()}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    if not args.reconstruct:
+        if knobs or args.recon_images:
+            used = [_RECON_FLAGS[k] for k in knobs] + (["--recon-images"] if args.recon_images else [])
+            raise VitquantError(f"{', '.join(used)} need --reconstruct")
+        return cfg
+    return cfg.replace(reconstruction=ReconstructionConfig(seed=args.seed, **knobs))
 
 
 def run_quantize(args) -> dict:
@@ -155,6 +174,12 @@ def run_quantize(args) -> dict:
     if len(calib) < args.num_calib:
         raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable calibration images "
                             f"in {calib_dir}")
+    recon = None
+    if args.recon_images:
+        if args.recon_images > len(calib):
+            raise VitquantError(f"--recon-images {args.recon_images} but only {len(calib)} readable calibration "
+                                f"images in {calib_dir}")
+        recon = calib.subset(args.recon_images, seed=args.calib_seed)
     calib = calib.subset(args.num_calib, seed=args.calib_seed)
     evalset = None
     if not args.no_eval:
@@ -177,7 +202,7 @@ def run_quantize(args) -> dict:
     t0 = time.perf_counter()
     try:
         model, report = quantize(model, calib, cfg, progress=progress, work_dir=args.work_dir,
-                                 max_memory_gb=args.max_memory)
+                                 max_memory_gb=args.max_memory, recon_data=recon)
     except ValueError as e:
         raise VitquantError(str(e)) from None
     calib_seconds = time.perf_counter() - t0
@@ -207,6 +232,7 @@ def run_quantize(args) -> dict:
         "weights": model_info, "data_config": {k: list(v) if isinstance(v, tuple) else v
                                                for k, v in data_config.items()},
         "calib_data": calib.describe() | {"list": calib_list, "names": calib.names},
+        "recon_data": recon.describe() | {"list": calib_list, "names": recon.names} if recon is not None else None,
         "eval_data": evalset.describe() | {"list": eval_list} if evalset is not None else None,
         "default_data_source": sample.source if sample else None,
         "environment": environment(), "vitquant_version": __version__,

@@ -146,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="ERQ ridge step before rounding, relative strength (x mean input variance)")
     wr.add_argument("--gptq-damp", type=_positive_float, metavar="D", help="GPTQ damping (x mean Hessian diagonal)")
     wr.add_argument("--act-order", type=_on_off, metavar="on|off", help="GPTQ columns in decreasing input energy")
+    rc = q.add_argument_group("block reconstruction (AdaRound weights, LSQ steps, QDrop; after any recipe)")
+    rc.add_argument("--reconstruct", action="store_true",
+                    help="learn each block's weight rounding and activation steps on the calibration images "
+                         "after calibration")
+    rc.add_argument("--recon-iters", type=_positive_int, metavar="N",
+                    help="iterations per block; unset: 500 on CPU, 2000 on CUDA")
+    rc.add_argument("--recon-batch-size", type=_positive_int, metavar="N", help="images per iteration; unset: 32")
+    rc.add_argument("--recon-images", type=_positive_int, metavar="N",
+                    help="reconstruct on N images of the calibration pool (unset: the --num-calib calibration "
+                         "images; with --calib-seed a superset of them)")
+    rc.add_argument("--recon-loss", choices=["mse", "fisher"],
+                    help="block output error, or weighted by the squared FP output gradients; unset: mse")
+    rc.add_argument("--qdrop", type=float, metavar="P",
+                    help="QDrop: leave each activation in FP with probability P while learning; unset: 0.5; 0: off")
+    rc.add_argument("--recon-lr-round", type=_positive_float, metavar="LR", help="AdaRound learning rate; unset: 1e-3")
+    rc.add_argument("--recon-lr-step", type=_positive_float, metavar="LR", help="LSQ step learning rate (on log step); unset: 1e-3")
+    rc.add_argument("--recon-round-weight", type=float, metavar="L",
+                    help="AdaRound regulariser weight lambda; unset: 0.01")
+    rc.add_argument("--recon-learn-steps", type=_on_off, metavar="on|off", help="learn the uniform activation steps; unset: on")
     r = q.add_argument_group("run")
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")

@@ -13,6 +13,7 @@ from .calibration.bias_correction import correct_bias
 from .calibration.fpcs import FPCSConfig, calibrate_op_fpcs
 from .calibration.objectives import NEEDS_GRAD, OBJECTIVES, RankingPearson
 from .calibration.search import OpData, alternating_search
+from .calibration.reconstruction import ReconstructionConfig
 from .calibration.weight_rounding import RoundingConfig
 from .nn.modules import QuantOp, _WeightOp
 from .nn.wrap import quant_ops
@@ -135,6 +136,8 @@ class QuantConfig:
                                             # the outputs of all earlier ops, quantized
     rounding: Optional[RoundingConfig] = None  # a last pass choosing the weight codes (GPTQ / ERQ ridge;
                                             # None: round to nearest)
+    reconstruction: Optional[ReconstructionConfig] = None  # block reconstruction after everything else
+                                            # (AdaRound, LSQ steps, QDrop; None: off)
 
     def __post_init__(self):
         for name in ("w_bits", "a_bits"):
@@ -216,7 +219,8 @@ class QuantConfig:
             if getattr(cfg, f) is None:
                 what = {"search": "does not search", "ranking": "has no ranking loss",
                         "mixed_precision": "is not mixed-precision", "fpcs": "does not use FPCS",
-                        "rounding": "has no weight-rounding pass"}[f]
+                        "rounding": "has no weight-rounding pass",
+                        "reconstruction": "has no reconstruction pass"}[f]
                 raise ValueError(f"method {cfg.method!r} {what}; cannot set {', '.join(sub)}")
             cfg = dataclasses.replace(cfg, **{f: dataclasses.replace(getattr(cfg, f), **sub)})
         return cfg
@@ -226,7 +230,7 @@ class QuantConfig:
 
 
 NESTED = {"search": SearchConfig, "ranking": RankingPearson, "mixed_precision": MixedPrecisionConfig,
-          "fpcs": FPCSConfig, "rounding": RoundingConfig}
+          "fpcs": FPCSConfig, "rounding": RoundingConfig, "reconstruction": ReconstructionConfig}
 
 
 def config_from_dict(d: dict) -> QuantConfig:
@@ -235,7 +239,7 @@ def config_from_dict(d: dict) -> QuantConfig:
     for k, cls in NESTED.items():
         if d.get(k) is not None:
             sub = dict(d[k])
-            for tuple_field in ("choices", "q_range", "roles"):  # JSON gives lists
+            for tuple_field in ("choices", "q_range", "roles", "beta"):  # JSON gives lists
                 if sub.get(tuple_field) is not None:
                     sub[tuple_field] = tuple(sub[tuple_field])
             d[k] = cls(**sub)

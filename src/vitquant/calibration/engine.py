@@ -146,9 +146,10 @@ def _forward_hooks(ops: list[tuple[str, QuantOp]], make_hook):
 
 
 def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
-                      dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """``dL/dO`` of every quantized op's output, ``L = CE(logits, argmax logits)`` summed over
-    images, through the FP model (quantization off). Stored in ``dtype`` to save memory."""
+                      dtype: torch.dtype = torch.bfloat16,
+                      modules: Optional[list[tuple[str, nn.Module]]] = None) -> dict[str, torch.Tensor]:
+    """``dL/dO`` of every quantized op's output (or of each of ``modules``), ``L = CE(logits, argmax
+    logits)`` summed over images, through the FP model (quantization off). Stored in ``dtype``."""
     shard = collection_shard(images.shape[0], batch_size)
     grads: dict[str, _Rows] = {}
     batch_images = [0, 0]  # images in the batch, index of its first image
@@ -161,7 +162,8 @@ def collect_gradients(model: nn.Module, images: torch.Tensor, batch_size: int,
                 output.register_hook(lambda g: rows.add(g.detach(), n, first))
         return fn
 
-    with _forward_hooks(quant_ops(model, active=True), hook), quantization_disabled(model), torch.enable_grad():
+    targets = quant_ops(model, active=True) if modules is None else modules
+    with _forward_hooks(targets, hook), quantization_disabled(model), torch.enable_grad():
         for first, batch in _my_batches(images, batch_size, shard):
             batch_images[:] = batch.shape[0], first
             logits = model(batch)

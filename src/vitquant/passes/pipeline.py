@@ -11,6 +11,8 @@ Each pass does one thing to the model given the calibration context; a config's 
 * ``calibrate_folded``: the Linears the fold changed, calibrated again on the folded model (AdaLog);
 * ``round_weights``: ERQ's ridge step and GPTQ rounding of every weight, bias refitted
   (``calibration.weight_rounding``), last;
+* ``reconstruct``: block reconstruction (AdaRound weights, LSQ activation steps, QDrop;
+  ``calibration.reconstruction``), after everything else;
 * ``check_mixed_precision_budget``, ``calibrate_bit_widths``, ``allocate_bits`` (Sec. 3.3, Liu et
   al. 2021; the allocation also re-measures the bias correction in the mixed model).
 """
@@ -38,6 +40,7 @@ class Context:
     states: dict = field(default_factory=dict)
     reports: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # what each pass reports, by pass name (result files)
+    recon_images: Optional[torch.Tensor] = None  # the reconstruction pass's images (None: ``images``)
 
 
 class Pass:
@@ -132,6 +135,26 @@ class RoundWeights(Pass):
             "mean_error_after": sum(i["error_after"] for i in rounded) / max(1, len(rounded))}
 
 
+class Reconstruct(Pass):
+    """Block reconstruction (``calibration.reconstruction``): per unit in execution order, the
+    rounding of every uniform weight and the steps of the uniform activations learned on the
+    quantized model's inputs against the FP outputs; resumable per unit in the work directory."""
+    name = "reconstruct"
+
+    def run(self, ctx):
+        from ..calibration.reconstruction import reconstruct
+        rc = ctx.cfg.reconstruction
+        images = ctx.images if ctx.recon_images is None else ctx.recon_images
+        info = reconstruct(ctx.model, images, rc, batch_size=ctx.cfg.batch_size,
+                           device=ctx.device or "cpu", progress=ctx.progress,
+                           checkpoint=None if ctx.checkpoint is None else ctx.checkpoint.child("reconstruction"),
+                           memory=ctx.memory)
+        for unit, u in info["units"].items():
+            ctx.report.ops.setdefault(unit, {})["reconstruction"] = u
+        ctx.report.seconds += info["seconds"]
+        ctx.info[self.name] = {k: v for k, v in info.items() if k != "units"} | {"images": int(images.shape[0])}
+
+
 class CheckMixedPrecisionBudget(Pass):
     """An impossible size budget fails before any calibration."""
     name = "check_mixed_precision_budget"
@@ -172,6 +195,8 @@ def pipeline_for(cfg) -> list[Pass]:
                 passes.append(CalibrateFolded())
     if getattr(cfg, "rounding", None) is not None:
         passes.append(RoundWeights())
+    if getattr(cfg, "reconstruction", None) is not None:
+        passes.append(Reconstruct())
     return passes
 
 
