@@ -88,7 +88,7 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
             edit_manifest(m)
         (d / "manifest.json").write_text(json.dumps(m))
         return str(d)
-    newer = saved_variant("newer", lambda m: m.update(format="vitquant-checkpoint/2", vitquant_version="9.0.0"))
+    newer = saved_variant("newer", lambda m: m.update(format="vitquant-checkpoint/99", vitquant_version="9.0.0"))
     incomplete = saved_variant("incomplete", lambda m: m.pop("quantizers"))
     unknown_q = saved_variant("unknown_q", lambda m: next(iter(m["quantizers"].values())).update(type="Future9"))
     bad_tensors = saved_variant("bad_tensors", tensors=b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")

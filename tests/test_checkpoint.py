@@ -51,11 +51,19 @@ def test_round_trip_gives_identical_logits(recipe, family, tmp_path):
         got = loaded(x)
     assert torch.equal(got, expect)
     assert loaded.vitquant_config == cfg
-    # integer codes on disk: 8-bit storage for <= 8-bit weights, bit-widths in the manifest
+    # integer codes on disk: 8-bit weights as int8 / uint8, narrower ones packed at their bit-width
     from safetensors.torch import load_file
     sd = load_file(str(tmp_path / "q" / "model.safetensors"))
-    codes = {k: v for k, v in sd.items() if k.endswith(".weight_codes")}
-    assert codes and all(v.dtype in (torch.int8, torch.uint8) for v in codes.values())
+    codes = {k[:-len(".weight_codes")]: v for k, v in sd.items() if k.endswith(".weight_codes")}
+    packed = {k[:-len(".weight_packed")]: v for k, v in sd.items() if k.endswith(".weight_packed")}
+    assert set(codes) | set(packed) == set(manifest["quantized_weights"])
+    assert all(v.dtype in (torch.int8, torch.uint8) for v in codes.values())
+    ops = dict(vitquant.quant_ops(model))
+    for n, v in packed.items():
+        bits = manifest["quantized_weights"][n]
+        assert bits < 8 and manifest["packed_weights"][n]["bits"] == bits
+        assert v.dtype == torch.uint8 and v.numel() == (ops[n].weight.numel() * bits + 7) // 8
+    assert all(manifest["quantized_weights"][n] == 8 for n in codes)
     assert set(manifest["quantized_weights"].values()) <= {4, 6, 8}
     assert json.loads((tmp_path / "q" / "manifest.json").read_text())["model"] == name
 
@@ -99,3 +107,49 @@ def test_calibration_sample_travels_with_the_checkpoint(tmp_path):
     _flip_last_byte(tmp_path / "q" / "calibration_sample.safetensors")
     with pytest.raises(VitquantError, match="calibration_sample.safetensors is missing or does not match"):
         vitquant.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("bits,qmin", [(2, 0), (3, -4), (4, -8), (4, 0), (5, 0), (6, -32), (7, 0), (12, -2048)])
+def test_packed_codes_round_trip_exactly(bits, qmin):
+    from vitquant.export.packing import pack_codes, unpack_codes
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(qmin, qmin + 2 ** bits, (37, 11), generator=g)
+    codes[0, 0], codes[-1, -1] = qmin, qmin + 2 ** bits - 1  # both ends of the range
+    packed = pack_codes(codes, bits, qmin)
+    assert packed.dtype == torch.uint8 and packed.numel() == (codes.numel() * bits + 7) // 8
+    assert torch.equal(unpack_codes(packed, bits, qmin, codes.shape), codes)
+    with pytest.raises(ValueError, match="outside"):
+        pack_codes(codes + 2 ** bits, bits, qmin)
+    with pytest.raises(ValueError, match="expected"):
+        unpack_codes(packed[:-1], bits, qmin, codes.shape)
+
+
+def test_asymmetric_weight_zero_points_are_stored_as_integers(tmp_path):
+    from safetensors.torch import load_file
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model, _ = quantize(tiny_vit(), x, get_recipe("repq", 4, 4), progress=False)
+    vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    zs = {k: v for k, v in sd.items() if k.endswith("weight_quantizer.zero_point")}
+    assert zs and not any(k.endswith("weight_quantizer.lower") for k in sd)
+    assert all(not v.is_floating_point() for v in zs.values())
+    loaded = vitquant.load(tmp_path / "q")
+    for (n, a), (_, b) in zip(vitquant.quant_ops(model), vitquant.quant_ops(loaded)):
+        if a.quantizers().get("weight") is not None:
+            assert torch.equal(a.weight_quantizer.zero_points(), b.weight_quantizer.zero_points()), n
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Format 1 (before packing and integer zero points) stored int8 codes and float minima."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model, _ = quantize(tiny_vit(), x, get_recipe("minmax"), progress=False)
+    vitquant.save(model, tmp_path / "q", model_name="vit_tiny_patch16_224", model_args=VIT_ARGS)
+    m = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert m["format"] == "vitquant-checkpoint/2" and not m["packed_weights"]  # 8-bit: int8 codes, as format 1
+    m["format"] = "vitquant-checkpoint/1"
+    del m["packed_weights"]
+    (tmp_path / "q" / "manifest.json").write_text(json.dumps(m))
+    with torch.no_grad():
+        assert torch.equal(vitquant.load(tmp_path / "q")(x), model(x))

@@ -239,9 +239,9 @@ def config_from_dict(d: dict) -> QuantConfig:
     for k, cls in NESTED.items():
         if d.get(k) is not None:
             sub = dict(d[k])
-            for tuple_field in ("choices", "q_range", "roles", "beta"):  # JSON gives lists
-                if sub.get(tuple_field) is not None:
-                    sub[tuple_field] = tuple(sub[tuple_field])
+            for tuple_field, value in list(sub.items()):  # JSON gives lists for the tuple fields
+                if isinstance(value, list):
+                    sub[tuple_field] = tuple(value)
             d[k] = cls(**sub)
     if d.get("mse_percentiles") is not None:
         d["mse_percentiles"] = tuple(d["mse_percentiles"])

@@ -181,7 +181,7 @@ class ReconActivation(nn.Module):
         else:
             xq = x + (self.q(x) - x).detach()
         if self.dropping and self.drop_prob > 0:
-            keep = torch.rand(x.shape, generator=self.generator, device="cpu").to(x.device) >= self.drop_prob
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.drop_prob
             xq = torch.where(keep, xq, x)
         return xq
 
@@ -245,7 +245,9 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
                      inputs: list[torch.Tensor], kwargs: dict, target: torch.Tensor,
                      fisher: Optional[torch.Tensor], rc: ReconstructionConfig, iters: int, bar=None) -> dict:
     """Learn the rounding and steps of one unit (see the module docstring); returns its report."""
-    gen = torch.Generator().manual_seed(rc.seed * 1_000_003 + index)
+    seed = rc.seed * 1_000_003 + index
+    gen = torch.Generator().manual_seed(seed)  # batches (CPU); QDrop masks on the data's device
+    mask_gen = torch.Generator(device=target.device).manual_seed(seed + 1)
     rounders: dict[str, AdaRoundWeight] = {}
     acts: list[tuple[QuantOp, str, nn.Module, ReconActivation]] = []
     frozen: list[str] = []
@@ -260,7 +262,7 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
                 else:
                     frozen.append(f"{name}.weight")
                 continue
-            wrapper = ReconActivation(q, rc.learn_steps, rc.drop_prob, gen)
+            wrapper = ReconActivation(q, rc.learn_steps, rc.drop_prob, mask_gen)
             op.set_quantizer(operand, wrapper)
             acts.append((op, operand, q, wrapper))
             if wrapper.learned is None:

@@ -3,8 +3,9 @@
 A directory with two files (three with a calibration sample), written atomically (a temporary sibling directory renamed into place):
 
 * ``model.safetensors``: the wrapped model's state dict in which every quantized weight is replaced
-  by its integer codes ``<op>.weight_codes`` (int8 when the codes fit, else int16; the bit-width
-  is in the manifest), plus every quantizer parameter (scales, exponents, zero-point minima,
+  by its integer codes: below 8 bits packed, ``<op>.weight_packed`` (b bits per code, see
+  :mod:`vitquant.export.packing`; bit-width, code offset and shape in the manifest's
+  ``packed_weights``), else ``<op>.weight_codes`` (int8 when the codes fit, else int16), plus every quantizer parameter (scales, exponents, zero-point minima,
   O-2SF channel ranges) and bias correction. Unquantized tensors stay FP32.
 * ``manifest.json``: model name and constructor arguments, timm / torch / vitquant versions, the
   method config, the source weights' sha256, every quantizer's type and constructor arguments,
@@ -34,8 +35,10 @@ from ..errors import VitquantError
 from ..models import input_size
 from ..nn.modules import QuantOp, _WeightOp
 from ..nn.wrap import is_wrapped, quant_ops, wrap_model
+from .packing import fits, pack_codes, unpack_codes
 
-FORMAT = "vitquant-checkpoint/1"
+FORMAT = "vitquant-checkpoint/2"  # /2: sub-8-bit codes packed; /1 files (int8 codes) load unchanged
+READABLE_FORMATS = ("vitquant-checkpoint/1", FORMAT)
 TENSORS, MANIFEST, SAMPLE = "model.safetensors", "manifest.json", "calibration_sample.safetensors"
 
 
@@ -46,6 +49,14 @@ def _code_dtype(codes: torch.Tensor) -> torch.dtype:
     if 0 <= lo and hi <= 255:
         return torch.uint8
     return torch.int16 if -2 ** 15 <= lo and hi < 2 ** 15 else torch.int32
+
+
+def _integer_zero_points(q) -> bool:
+    """An asymmetric uniform quantizer: its float minima ``lower`` are stored as the integer zero
+    points ``round(-lower / step)`` they define (load sets ``lower = -z step``, which gives back the
+    same zero points, checked)."""
+    from ..quantizers import UniformQuantizer
+    return isinstance(q, UniformQuantizer) and not q.symmetric
 
 
 def _quantized_weights(model: nn.Module) -> dict[str, _WeightOp]:
@@ -130,15 +141,26 @@ def save(model: nn.Module, path: str | os.PathLike, *, model_name: Optional[str]
         for operand, q in op.quantizers().items():
             quantizers[f"{name_op}.{operand}"] = {"type": type(q).__name__, "args": q.spec(),
                                                   "calibrated": q.calibrated, "enabled": q.enabled}
+    packed = {}
     for n, op in weights_q.items():
-        codes = op.weight_quantizer.quantize(op.weight_to_quantize().detach()).cpu()
-        tensors[f"{n}.weight_codes"] = codes.to(_code_dtype(codes)).contiguous()
+        wq = op.weight_quantizer
+        if _integer_zero_points(wq):  # per-channel zero points as integers, not float minima
+            z = wq.zero_points().detach().cpu().to(torch.int64)
+            del tensors[f"{n}.weight_quantizer.lower"]
+            tensors[f"{n}.weight_quantizer.zero_point"] = z.to(_code_dtype(z)).contiguous()
+        codes = wq.quantize(op.weight_to_quantize().detach()).cpu()
+        if wq.bits < 8 and hasattr(wq, "qmin") and fits(codes, wq.bits, wq.qmin):
+            tensors[f"{n}.weight_packed"] = pack_codes(codes, wq.bits, wq.qmin)
+            packed[n] = {"bits": wq.bits, "qmin": int(wq.qmin), "shape": list(codes.shape)}
+        else:
+            tensors[f"{n}.weight_codes"] = codes.to(_code_dtype(codes)).contiguous()
     cfg = getattr(model, "vitquant_config", None)
     manifest = {
         "format": FORMAT, "model": name, "model_args": _model_args(model) | (model_args or {}),
         "timm_version": timm.__version__, "torch_version": torch.__version__, "vitquant_version": __version__,
         "config": cfg.to_dict() if cfg is not None else None, "weights": weights or {},
         "quantizers": quantizers, "quantized_weights": {n: op.weight_quantizer.bits for n, op in weights_q.items()},
+        "packed_weights": packed,
         "bias_correction": [n for n, op in quant_ops(model) if getattr(op, "bias_correction", None) is not None],
         **(extra or {}),
     }
@@ -176,10 +198,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise VitquantError(f"cannot read {path / MANIFEST}: {e}") from None
     if not isinstance(manifest, dict) or not str(manifest.get("format", "")).startswith(FORMAT.split("/")[0] + "/"):
         raise VitquantError(f"{path / MANIFEST}: not a {FORMAT} manifest")
-    if manifest["format"] != FORMAT:
+    if manifest["format"] not in READABLE_FORMATS:
         from .. import __version__
         raise VitquantError(f"{path} was written in format {manifest['format']} by vitquant "
-                            f"{manifest.get('vitquant_version', '?')}; this vitquant {__version__} reads {FORMAT}: "
+                            f"{manifest.get('vitquant_version', '?')}; this vitquant {__version__} reads "
+                            f"{', '.join(READABLE_FORMATS)}: "
                             "upgrade vitquant to load it")
     missing = [k for k in _MANIFEST_KEYS if k not in manifest]
     if missing:
@@ -227,6 +250,24 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     except Exception as e:  # safetensors' SafetensorError: header or data unreadable
         raise VitquantError(f"cannot read {path / TENSORS}: {e}") from None
     codes = {k[: -len(".weight_codes")]: sd.pop(k) for k in list(sd) if k.endswith(".weight_codes")}
+    zero_points = {}
+    for k in [k for k in sd if k.endswith(".weight_quantizer.zero_point")]:
+        base = k[: -len("zero_point")]
+        z = sd.pop(k).to(torch.int64)
+        if base + "scale" not in sd or sd[base + "scale"].shape != z.shape:
+            raise VitquantError(f"{path / TENSORS}: {k} has no matching step")
+        sd[base + "lower"] = -z.to(sd[base + "scale"].dtype) * sd[base + "scale"]
+        zero_points[base[: -len(".weight_quantizer.")]] = z
+    packed = manifest.get("packed_weights") or {}
+    for k in [k for k in sd if k.endswith(".weight_packed")]:
+        n, t = k[: -len(".weight_packed")], sd.pop(k)
+        info = packed.get(n)
+        if info is None:
+            raise VitquantError(f"{path / TENSORS}: packed weight {n} has no entry in the manifest's packed_weights")
+        try:
+            codes[n] = unpack_codes(t, int(info["bits"]), int(info["qmin"]), info["shape"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise VitquantError(f"{path / TENSORS}: cannot unpack {n}: {e}") from None
     for k in sd:  # the reparameterisation gives a bias to a Linear built without one (Swin's reduction)
         op = ops.get(k[:-len(".bias")]) if k.endswith(".bias") else None
         if op is not None and getattr(op, "bias", False) is None and sd[k].dim() == 1:
@@ -235,7 +276,13 @@ def load(path: str | os.PathLike, device: str = "cpu") -> nn.Module:
     expected = {k for k in own if not (k.endswith(".weight") and k[:-len(".weight")] in codes)}
     if set(sd) != expected or any(tuple(sd[k].shape) != tuple(own[k].shape) for k in sd):
         raise VitquantError(f"{path / TENSORS} does not match model {manifest['model']} (keys or shapes differ)")
+    bad = [n for n, c in codes.items() if n not in ops or tuple(c.shape) != tuple(ops[n].weight.shape)]
+    if bad:
+        raise VitquantError(f"{path / TENSORS}: weight codes of {bad[0]} do not fit model {manifest['model']}")
     model.load_state_dict(sd, strict=False)
+    for n, z in zero_points.items():
+        if not torch.equal(ops[n].weight_quantizer.zero_points().to(torch.int64), z):
+            raise VitquantError(f"{n}: the stored zero points do not survive this torch's float arithmetic")
     with torch.no_grad():
         for n, c in codes.items():
             op: QuantOp = ops[n]
