@@ -188,6 +188,8 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
         "export of a truncated manifest": (["export", str(cut_manifest), "--onnx", str(tmp_path / "c.onnx")],
                                            "cannot read"),
         "bench of a directory that is no checkpoint": (["bench", str(tmp_path / "empty")], "not a vitquant checkpoint"),
+        "bench of an unknown model name": (["bench", "not_a_model_xyz", "--random-init"], "unknown model"),
+        "bench of a file": (["bench", str(tmp_path / "a_file")], "is a file"),
         # sweeps
         "sweep spec with a misspelt option": (["sweep", str(tmp_path / "typo.yaml"), "--out", str(tmp_path / "sw")],
                                               "unknown option 'num_candidate'"),

@@ -105,6 +105,13 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
             assert k in row
         assert row["accelerated"] is True and row["int8_speedup"] == pytest.approx(
             row["onnx_int8_ips"] / row["onnx_fp32_ips"], rel=1e-2)
+    # a model name instead of a saved directory: quantized here (random init, synthetic images), then timed
+    assert main(["bench", "deit_tiny_patch16_224", "--random-init", "--img-size", "32", "--method", "minmax",
+                 "--batch-sizes", "2", "--repeats", "1", "--warmup", "1", "--quiet",
+                 "--json", str(tmp_path / "b2.json")]) == 0
+    (row,) = json.loads((tmp_path / "b2.json").read_text())
+    assert row["model"] == "deit_tiny_patch16_224" and row["saved"] is None and row["accelerated"] is True
+    assert row["quantized_here"]["method"] == "minmax" and "synthetic" in row["quantized_here"]["calib_data"]
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "missing.onnx"), *evalargs]) == 2
     assert "ONNX file not found" in capsys.readouterr().err

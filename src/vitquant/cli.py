@@ -404,13 +404,52 @@ def run_eval(args) -> dict:
     return result
 
 
+def _bench_model(args):
+    """``vitquant bench``'s model: a saved directory as it is, or a timm model name quantized here
+    (``--method`` on ``--calib-data``, or seeded Gaussian images: the speed does not depend on them)."""
+    if os.path.isdir(args.saved):
+        return _load_saved(args.saved), None
+    if os.path.exists(args.saved):
+        raise VitquantError(f"{args.saved} is a file; bench takes a saved directory or a timm model name")
+    import torch
+
+    from .api import quantize
+    from .models import data_config_for, load_model
+    from .recipes import get_recipe
+    if args.checkpoint and args.random_init:
+        raise VitquantError("--checkpoint and --random-init exclude each other")
+    model, info = load_model(args.saved, args.checkpoint, pretrained=not args.random_init, img_size=args.img_size)
+    data_config = data_config_for(model)
+    if args.calib_data:
+        from .data import load_images
+        calib = load_images(args.calib_data, data_config, list_file=args.calib_list, progress=not args.quiet)
+        if len(calib) < args.num_calib:
+            raise VitquantError(f"--num-calib {args.num_calib} but only {len(calib)} readable images in {args.calib_data}")
+        calib = calib.subset(args.num_calib)
+        source = calib.describe() | {"list": args.calib_list}
+        images = calib.tensors()
+    else:
+        size = data_config["input_size"][1:]
+        images = torch.randn(args.num_calib, 3, *size, generator=torch.Generator().manual_seed(0))
+        source = {"synthetic": f"{args.num_calib} seeded Gaussian images (timing only)"}
+    try:
+        cfg = get_recipe(args.method, args.w_bits, args.a_bits)
+        model, _ = quantize(model, images, cfg, progress=not args.quiet)
+    except ValueError as e:
+        raise VitquantError(str(e)) from None
+    from .export.checkpoint import _model_args
+    model.vitquant_manifest = {"model": args.saved, "model_args": _model_args(model)}
+    return model, {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits, "weights": info,
+                   "calib_data": source, "config": cfg.to_dict()}
+
+
 def run_bench(args) -> list:
     from .export.bench import benchmark_runtimes
     from .io import atomic_write_json
     from .report import environment
     if args.json:
         _check_writable(args.json)
-    model = _load_saved(args.saved)
+    model, quantized_here = _bench_model(args)
     try:
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
                                   threads=args.threads, int8_modes=args.int8)
@@ -418,7 +457,9 @@ def run_bench(args) -> list:
         raise VitquantError(f"cannot export: {e}") from None
     env = environment()
     for row in rows:
-        row |= {"model": model.vitquant_manifest["model"], "saved": str(args.saved), "environment": env}
+        row |= {"model": model.vitquant_manifest["model"],
+                "saved": None if quantized_here is not None else str(args.saved), "quantized_here": quantized_here,
+                "environment": env}
         print(f"batch {row['batch']:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 "
               f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 ({row['int8']}) {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
               f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})"
