@@ -86,6 +86,10 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
     assert main(["export", str(tmp_path / "q"), "--onnx", str(tmp_path / "q.onnx"), "--json", str(tmp_path / "x.json")]) == 0
     exported = json.loads((tmp_path / "x.json").read_text())
     assert exported["runtime"]["integer_ops"] and exported["check"]["ok"]
+    import onnx
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    bits = json.loads(meta["vitquant.weight_bits"])  # the bit-width of every weight, whatever its storage
+    assert bits and set(bits.values()) == set(exported["weight_bits"]) and "8-bit" in meta["vitquant.weight_storage"]
     assert exported["check"]["inputs"] == "calibration images" and exported["check"]["num_inputs"] == 4
     assert "export check on 4 calibration images" in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "q.onnx"), *evalargs, "--json", str(tmp_path / "e1.json")]) == 0

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learn each block's weight rounding and activation steps on the calibration images "
                          "after calibration")
     rc.add_argument("--recon-iters", type=_positive_int, metavar="N",
-                    help="iterations per block; unset: 500 on CPU, 2000 on CUDA")
-    rc.add_argument("--recon-batch-size", type=_positive_int, metavar="N", help="images per iteration; unset: 32")
+                    help="iterations per block; unset: 200 on CPU, 2000 on CUDA")
+    rc.add_argument("--recon-batch-size", type=_positive_int, metavar="N", help="images per iteration; unset: 16 on CPU, 32 on CUDA")
     rc.add_argument("--recon-images", type=_positive_int, metavar="N",
                     help="reconstruct on N images of the calibration pool (unset: the --num-calib calibration "
                          "images; with --calib-seed a superset of them)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block output error, or weighted by the squared FP output gradients; unset: mse")
     rc.add_argument("--qdrop", type=float, metavar="P",
                     help="QDrop: leave each activation in FP with probability P while learning; unset: 0.5; 0: off")
-    rc.add_argument("--recon-lr-round", type=_positive_float, metavar="LR", help="AdaRound learning rate; unset: 1e-3")
+    rc.add_argument("--recon-lr-round", type=_positive_float, metavar="LR", help="AdaRound learning rate; unset: 1e-2")
     rc.add_argument("--recon-lr-step", type=_positive_float, metavar="LR", help="LSQ step learning rate (on log step); unset: 1e-3")
     rc.add_argument("--recon-round-weight", type=float, metavar="L",
                     help="AdaRound regulariser weight lambda; unset: 0.01")

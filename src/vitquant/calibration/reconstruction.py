@@ -43,19 +43,22 @@ from .checkpoint import CalibrationCheckpoint, restore
 
 GAMMA, ZETA = -0.1, 1.1  # AdaRound's stretch of the sigmoid (Nagel et al. 2020, Sec. 4)
 LOSSES = ("mse", "fisher")
-CPU_ITERS, CUDA_ITERS = 500, 2000
+# CPU / CUDA defaults: iterations per unit and images per iteration (CPU chosen on DeiT-Tiny, calibration
+# images 33-128 of splits/calib.txt: README "Block reconstruction")
+CPU_ITERS, CUDA_ITERS = 200, 2000
+CPU_BATCH, CUDA_BATCH = 16, 32
 
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """A reconstruction pass. ``iters`` per unit (None: 500 on CPU, 2000 on CUDA) with ``batch_size``
-    images each; Adam learning rates ``lr_round`` (AdaRound's V) and ``lr_step`` (LSQ steps, on
+    """A reconstruction pass. ``iters`` per unit with ``batch_size`` images each (None: 200 x 16 on
+    CPU, 2000 x 32 on CUDA); Adam learning rates ``lr_round`` (AdaRound's V) and ``lr_step`` (LSQ steps, on
     their logarithm, cosine decay); ``drop_prob`` QDrop's probability of leaving an activation in FP (0: off); ``loss`` "mse"
     or "fisher"; ``round_weight`` the regulariser's lambda, ``warmup`` the fraction of iterations
     without it, ``beta`` its start and end temperature; ``learn_steps``: LSQ on; ``seed``."""
     iters: Optional[int] = None
-    batch_size: int = 32
-    lr_round: float = 1e-3
+    batch_size: Optional[int] = None
+    lr_round: float = 1e-2
     lr_step: float = 1e-3
     drop_prob: float = 0.5
     loss: Literal["mse", "fisher"] = "mse"
@@ -69,7 +72,8 @@ class ReconstructionConfig:
         if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int)
                                        or self.iters < 1):
             raise ValueError(f"reconstruction iterations must be a positive integer, got {self.iters!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
             raise ValueError(f"reconstruction batch size must be a positive integer, got {self.batch_size!r}")
         if not 0 <= self.drop_prob < 1:
             raise ValueError(f"QDrop probability must be in [0, 1), got {self.drop_prob}")
@@ -88,6 +92,11 @@ class ReconstructionConfig:
         if self.iters is not None:
             return self.iters
         return CUDA_ITERS if torch.device(device).type == "cuda" else CPU_ITERS
+
+    def batch(self, device) -> int:
+        if self.batch_size is not None:
+            return self.batch_size
+        return CUDA_BATCH if torch.device(device).type == "cuda" else CPU_BATCH
 
 
 def _ste_round(u: torch.Tensor) -> torch.Tensor:
@@ -243,7 +252,8 @@ def _rec_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.T
 
 def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[str, QuantOp]],
                      inputs: list[torch.Tensor], kwargs: dict, target: torch.Tensor,
-                     fisher: Optional[torch.Tensor], rc: ReconstructionConfig, iters: int, bar=None) -> dict:
+                     fisher: Optional[torch.Tensor], rc: ReconstructionConfig, iters: int, batch: int,
+                     bar=None) -> dict:
     """Learn the rounding and steps of one unit (see the module docstring); returns its report."""
     seed = rc.seed * 1_000_003 + index
     gen = torch.Generator().manual_seed(seed)  # batches (CPU); QDrop masks on the data's device
@@ -294,8 +304,8 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
             op.refresh()
         tot = 0.0
         with torch.no_grad():
-            for i in range(0, n, rc.batch_size):
-                idx = torch.arange(i, min(n, i + rc.batch_size))
+            for i in range(0, n, batch):
+                idx = torch.arange(i, min(n, i + batch))
                 xs, y, _ = batch_rows(idx)
                 tot += float(((module(*xs, **kwargs) - y) ** 2).sum()) / float((y ** 2).sum().clamp_min(1e-30)) * len(idx)
         for *_, a in acts:
@@ -315,7 +325,7 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
                 iters_run = iters
             module.train(False)
             for it in range(iters_run):
-                idx = torch.randperm(n, generator=gen)[:min(rc.batch_size, n)]
+                idx = torch.randperm(n, generator=gen)[:min(batch, n)]
                 xs, y, g = batch_rows(idx)
                 with torch.enable_grad():
                     rec = _rec_loss(module(*xs, **kwargs), y, g)
@@ -381,7 +391,7 @@ def reconstruct(model: nn.Module, images: torch.Tensor, rc: ReconstructionConfig
     from tqdm.auto import tqdm
     iters = rc.iterations(device)
     units = calibration_units(model)
-    report: dict = {"iters": iters, "units": {}}
+    report: dict = {"iters": iters, "batch_size": rc.batch(device), "units": {}}
     t0 = time.perf_counter()
     previous, engine._budget = engine._budget, memory
     model.eval()
@@ -408,7 +418,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, rc: ReconstructionConfig
                 if g is not None:
                     g = g.float().pow(2)
                     g = g / g.mean().clamp_min(1e-30)
-                info = reconstruct_unit(index, unit, module, ops, inputs, kwargs, target, g, rc, iters, bar)
+                info = reconstruct_unit(index, unit, module, ops, inputs, kwargs, target, g, rc, iters,
+                                        rc.batch(device), bar)
                 report["units"][unit] = info
                 del inputs, target, g
                 if checkpoint is not None:

@@ -87,7 +87,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
                           dynamo=False, do_constant_folding=False)
         m = onnx.load(raw)
-    for k, v in ((metadata or {}) | {"vitquant.int8": int8}).items():
+    import json
+    weight_bits = {} if fp32 else {n: op.weight_quantizer.bits for n, op in quant_ops(model)
+                                   if getattr(op, "_applies", None) and op._applies(getattr(op, "weight_quantizer", None))}
+    storage = "float32" if fp32 else "8-bit codes (uint8 / int8 DequantizeLinear; narrower codes in 8-bit storage)"
+    for k, v in ((metadata or {}) | {"vitquant.int8": int8, "vitquant.weight_bits": json.dumps(weight_bits),
+                                     "vitquant.weight_storage": storage}).items():
         m.metadata_props.add(key=k, value=str(v))
     onnx.checker.check_model(m)
     data = m.SerializeToString()
@@ -107,6 +112,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
     n_weights = sum(1 for n in m.graph.node if n.op_type == "Constant" and n.attribute and len(n.attribute[0].t.dims) >= 2
                     and n.attribute[0].t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8))
     return {"path": str(path), "opset": opset, "int8": int8, "nodes": dict(ops), "int8_weights": n_weights,
+            "weight_storage": storage, "weight_bits": sorted(set(weight_bits.values())),
             "bytes": Path(path).stat().st_size, "check": check}
 
 
