@@ -1,5 +1,5 @@
 """Block reconstruction (calibration.reconstruction): AdaRound weights, LSQ steps, QDrop, resumable."""
-
+import contextlib
 import json
 
 import pytest
@@ -27,7 +27,7 @@ def _block_errors(model, x):
                 outs[(tag, name)] = out.detach()
             return hook
         return fn
-    for tag, ctx in (("fp", quantization_disabled(model)), ("q", _Null())):
+    for tag, ctx in (("fp", quantization_disabled(model)), ("q", contextlib.nullcontext())):
         handles = [b.register_forward_hook(grab(tag)(n)) for n, b in model.named_modules() if type(b).__name__ == "Block"]
         with ctx, torch.no_grad():
             model(x)
@@ -35,14 +35,6 @@ def _block_errors(model, x):
             h.remove()
     names = sorted({n for _, n in outs})
     return {n: float(((outs[("q", n)] - outs[("fp", n)]) ** 2).sum() / (outs[("fp", n)] ** 2).sum()) for n in names}
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @pytest.mark.parametrize("method", ["repq", "ptq4vit"])

@@ -27,6 +27,7 @@ and the QDrop masks. Resumable per unit (the engine's :class:`CalibrationCheckpo
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -218,7 +219,7 @@ def unit_io(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_siz
 
     handle = module.register_forward_hook(hook, with_kwargs=True)
     try:
-        with (quantization_disabled(model) if fp else _null()), torch.no_grad():
+        with (quantization_disabled(model) if fp else contextlib.nullcontext()), torch.no_grad():
             for i in range(0, n, batch_size):
                 batch = images[i:i + batch_size]
                 first[:] = batch.shape[0], i
@@ -231,14 +232,6 @@ def unit_io(model: nn.Module, module: nn.Module, images: torch.Tensor, batch_siz
     if any(torch.is_tensor(v) for v in kwargs.values()):
         raise ValueError(f"{type(module).__name__}: reconstruction needs tensor inputs as positional arguments")
     return [r.data for r in ins], out.data if output else None, kwargs
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _rec_loss(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
@@ -319,10 +312,7 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
     try:
         with fused_kernels(False):
             before = eval_error()
-            if not rounders and not steps:
-                iters_run = 0
-            else:
-                iters_run = iters
+            iters_run = iters if rounders or steps else 0
             module.train(False)
             for it in range(iters_run):
                 idx = torch.randperm(n, generator=gen)[:min(batch, n)]
@@ -397,7 +387,9 @@ def reconstruct(model: nn.Module, images: torch.Tensor, rc: ReconstructionConfig
     model.eval()
     try:
         fisher_all = {}
-        todo = [i for i, (u, _) in enumerate(units) if checkpoint is None or checkpoint.load(i, u) is None]
+        finished = {} if checkpoint is None else {i: d for i, (u, _) in enumerate(units)
+                                                  if (d := checkpoint.load(i, u)) is not None}
+        todo = [i for i in range(len(units)) if i not in finished]
         if rc.loss == "fisher" and todo:
             mods = [(u, model.get_submodule(u)) for i, (u, ops) in enumerate(units) if i in todo]
             fisher_all = engine.collect_gradients(model, images, batch_size, torch.float32, modules=mods)
@@ -405,9 +397,8 @@ def reconstruct(model: nn.Module, images: torch.Tensor, rc: ReconstructionConfig
                    dynamic_ncols=True)
         try:
             for index, (unit, ops) in enumerate(units):
-                saved = None if checkpoint is None else checkpoint.load(index, unit)
-                if saved is not None:
-                    state, info = saved
+                if index in finished:
+                    state, info = finished.pop(index)
                     restore(ops, state)
                     report["units"][unit] = info[unit] | {"resumed": True}
                     continue

@@ -89,7 +89,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, fp32: bool = False
         m = onnx.load(raw)
     import json
     weight_bits = {} if fp32 else {n: op.weight_quantizer.bits for n, op in quant_ops(model)
-                                   if getattr(op, "_applies", None) and op._applies(getattr(op, "weight_quantizer", None))}
+                                   if op._applies(getattr(op, "weight_quantizer", None))}
     storage = "float32" if fp32 else "8-bit codes (uint8 / int8 DequantizeLinear; narrower codes in 8-bit storage)"
     for k, v in ((metadata or {}) | {"vitquant.int8": int8, "vitquant.weight_bits": json.dumps(weight_bits),
                                      "vitquant.weight_storage": storage}).items():
