@@ -86,6 +86,15 @@ def accuracy(args, doc) -> None:
         sim = predict_top5(loaded, evalset, progress=True, desc="simulated (PyTorch)")
         ort = predict_top5(OrtModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="ONNX Runtime INT8")
         sim64 = predict_top5(_Float64(loaded), evalset, progress=True, desc="simulated in float64")
+        # the tool a user would pick instead: ONNX Runtime's quantize_static on the FP32 export, same images
+        from vitquant import quantization_disabled
+        from vitquant.export.ort_static import ort_quantize_static
+        export_onnx(loaded, f"{tmp}/fp32.onnx", fp32=True, verify=False)
+        static_cfg = ort_quantize_static(f"{tmp}/fp32.onnx", f"{tmp}/static.onnx", calib.tensors())
+        static = predict_top5(OrtModel(f"{tmp}/static.onnx", args.threads), evalset, progress=True,
+                              desc="ONNX Runtime quantize_static")
+        with quantization_disabled(loaded):
+            fp = predict_top5(loaded, evalset, progress=True, desc="FP32")
         parting = divergence(loaded, evalset.tensors()[:args.divergence_images], tmp, args.threads) \
             if args.divergence_images else []
     sim1, ort1 = topk_accuracy(sim.top5, evalset.labels)[0], topk_accuracy(ort.top5, evalset.labels)[0]
@@ -100,7 +109,9 @@ def accuracy(args, doc) -> None:
         simulated_seconds=round(sim.seconds, 1), onnx_seconds=round(ort.seconds, 1),
         simulated_float64_top1=topk_accuracy(sim64.top5, evalset.labels)[0],
         agreement_simulated_float32_vs_float64=_agreement(sim, sim64), agreement_onnx_vs_simulated_float64=_agreement(ort, sim64),
-        divergence_per_block=parting)
+        divergence_per_block=parting, fp32_top1=topk_accuracy(fp.top5, evalset.labels)[0],
+        simulated_agreement_with_fp32=_agreement(sim, fp), ort_static=static_cfg,
+        ort_static_top1=topk_accuracy(static.top5, evalset.labels)[0], ort_static_agreement_with_fp32=_agreement(static, fp))
     log(f"simulated {sim1:.2f}, ONNX Runtime INT8 {ort1:.2f} (diff {ort1 - sim1:+.2f}), agreement {agree:.2f} %, "
         f"reload identical {identical}")
 
@@ -116,11 +127,12 @@ def speed(args, doc) -> None:
         calib, _ = load_data(model, args.sample, args.speed_calib, 1)
         model, _ = quantize(model, calib, get_recipe(method, 8, 8), progress=False)
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                                  threads=args.threads, int8_modes=args.int8)
+                                  threads=args.threads, int8_modes=args.int8, calib_images=calib.tensors())
         doc["speed"].append(dict(model=args.speed_model, weights=info, method=method, num_calib=len(calib), rows=rows))
         for r in rows:
             log(f"{method} batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
                 + ", ".join(f"ONNX INT8 {m} {r[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8)
+                + f", ORT quantize_static {r['ort_static_int8_ips']:.1f}"
                 + f" img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
 
 
@@ -134,7 +146,13 @@ def markdown(doc) -> str:
                   f"| PyTorch, simulated (fake quant) | {a['simulated_top1']:.2f} | - | "
                   f"{a['computed_size_mb']:.2f} MB computed, {a['checkpoint_bytes'] / 1e6:.2f} MB checkpoint |",
                   f"| ONNX Runtime INT8 (QDQ) | {a['onnx_int8_top1']:.2f} | {a['top1_agreement']:.2f} % | "
-                  f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |", "",
+                  f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |"]
+        if "ort_static_top1" in a:
+            lines += [f"| FP32 (PyTorch) | {a['fp32_top1']:.2f} | - | - |",
+                      f"| ONNX Runtime quantize_static (QDQ, per-channel, MinMax, same calibration images) | "
+                      f"{a['ort_static_top1']:.2f} | agreement with FP32 {a['ort_static_agreement_with_fp32']:.2f} % "
+                      f"(vitquant's {a['simulated_agreement_with_fp32']:.2f} %) | - |"]
+        lines += ["",
                   f"Reloaded checkpoint gives bit-identical logits: {a['reload_logits_identical']}.", ""]
         if "agreement_simulated_float32_vs_float64" in a:
             lines += ["Noise floor: the same simulated model computed in float64 (same quantizers, other "
@@ -157,11 +175,14 @@ def markdown(doc) -> str:
                   f"median of {s['rows'][0]['repeats']} runs; images/s. CPU: {cpu.get('model')} "
                   f"(AVX2 {isa.get('avx2')}, AVX-512 {isa.get('avx512f')}, VNNI {isa.get('vnni')}).", "",
                   "| batch | PyTorch FP32 | ONNX FP32 | " + " | ".join(f"ONNX INT8 {m} | {m} / ONNX FP32" for m in modes)
-                  + " | accelerated |", "|---|---|---|" + "---|---|" * len(modes) + "---|"]
+                  + " | ORT quantize_static INT8 | static / ONNX FP32 | accelerated |",
+                  "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|"]
         for r in s["rows"]:
             cells = " | ".join(f"{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']):.1f} | "
                                f"x{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']) / r['onnx_fp32_ips']:.2f}" for m in modes)
-            lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | {cells} | "
+            static = (f"{r['ort_static_int8_ips']:.1f} | x{r['ort_static_speedup']:.2f}" if "ort_static_int8_ips" in r
+                      else "- | -")
+            lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | {cells} | {static} | "
                          f"{r['accelerated']} |")
         lines += ["", "Quantized ops by kind (op type and input quantizers) and how ONNX Runtime ran them:", ""]
         for kind, c in s["rows"][0]["by_quantizer"].items():

@@ -408,7 +408,7 @@ def _bench_model(args):
     """``vitquant bench``'s model: a saved directory as it is, or a timm model name quantized here
     (``--method`` on ``--calib-data``, or seeded Gaussian images: the speed does not depend on them)."""
     if os.path.isdir(args.saved):
-        return _load_saved(args.saved), None
+        return _load_saved(args.saved), None, None
     if os.path.exists(args.saved):
         raise VitquantError(f"{args.saved} is a file; bench takes a saved directory or a timm model name")
     import torch
@@ -440,7 +440,7 @@ def _bench_model(args):
     from .export.checkpoint import _model_args
     model.vitquant_manifest = {"model": args.saved, "model_args": _model_args(model)}
     return model, {"method": args.method, "w_bits": args.w_bits, "a_bits": args.a_bits, "weights": info,
-                   "calib_data": source, "config": cfg.to_dict()}
+                   "calib_data": source, "config": cfg.to_dict()}, images
 
 
 def run_bench(args) -> list:
@@ -449,10 +449,10 @@ def run_bench(args) -> list:
     from .report import environment
     if args.json:
         _check_writable(args.json)
-    model, quantized_here = _bench_model(args)
+    model, quantized_here, images = _bench_model(args)
     try:
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                                  threads=args.threads, int8_modes=args.int8)
+                                  threads=args.threads, int8_modes=args.int8, calib_images=images)
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
     env = environment()
@@ -463,7 +463,8 @@ def run_bench(args) -> list:
         print(f"batch {row['batch']:3d}: torch FP32 {row['torch_fp32_ips']:.1f} img/s, ONNX FP32 "
               f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 ({row['int8']}) {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
               f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})"
-              + "".join(f", INT8 ({m}) {row[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8[1:]))
+              + "".join(f", INT8 ({m}) {row[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8[1:])
+              + f"; ONNX Runtime quantize_static INT8 {row['ort_static_int8_ips']:.1f} (x{row['ort_static_speedup']:.2f})")
     _print_fusion(rows[0]["by_quantizer"] if rows else {})
     if args.json:
         atomic_write_json(args.json, rows)
