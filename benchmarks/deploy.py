@@ -85,6 +85,10 @@ def accuracy(args, doc) -> None:
         kernels = integer_kernels(f"{tmp}/q.onnx", loaded)
         sim = predict_top5(loaded, evalset, progress=True, desc="simulated (PyTorch)")
         ort = predict_top5(OrtModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="ONNX Runtime INT8")
+        ov = None
+        from vitquant.export.openvino import OpenVinoModel, openvino_version
+        if openvino_version() is not None:  # the second runtime, on the same file
+            ov = predict_top5(OpenVinoModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="OpenVINO INT8")
         sim64 = predict_top5(_Float64(loaded), evalset, progress=True, desc="simulated in float64")
         # the tool a user would pick instead: ONNX Runtime's quantize_static on the FP32 export, same images
         from vitquant import quantization_disabled
@@ -112,6 +116,10 @@ def accuracy(args, doc) -> None:
         divergence_per_block=parting, fp32_top1=topk_accuracy(fp.top5, evalset.labels)[0],
         simulated_agreement_with_fp32=_agreement(sim, fp), ort_static=static_cfg,
         ort_static_top1=topk_accuracy(static.top5, evalset.labels)[0], ort_static_agreement_with_fp32=_agreement(static, fp))
+    if ov is not None:
+        doc["accuracy"] |= dict(openvino_int8_top1=topk_accuracy(ov.top5, evalset.labels)[0],
+                                openvino_top1_difference=round(topk_accuracy(ov.top5, evalset.labels)[0] - sim1, 4),
+                                openvino_top1_agreement=_agreement(sim, ov), openvino_seconds=round(ov.seconds, 1))
     log(f"simulated {sim1:.2f}, ONNX Runtime INT8 {ort1:.2f} (diff {ort1 - sim1:+.2f}), agreement {agree:.2f} %, "
         f"reload identical {identical}")
 
@@ -129,11 +137,26 @@ def speed(args, doc) -> None:
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
                                   threads=args.threads, int8_modes=args.int8, calib_images=calib.tensors())
         doc["speed"].append(dict(model=args.speed_model, weights=info, method=method, num_calib=len(calib), rows=rows))
-        for r in rows:
-            log(f"{method} batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
-                + ", ".join(f"ONNX INT8 {m} {r[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8)
-                + f", ORT quantize_static {r['ort_static_int8_ips']:.1f}"
-                + f" img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
+        _log_rows(method, rows, args)
+    from vitquant import load
+    for d in args.speed_saved:
+        model = load(d)
+        rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
+                                  threads=args.threads, int8_modes=args.int8)
+        m = model.vitquant_manifest
+        doc["speed"].append(dict(model=m["model"], weights=m.get("weights"), method=m["config"]["method"],
+                                 saved=str(d), rows=rows))
+        _log_rows(m["config"]["method"], rows, args)
+
+
+def _log_rows(method, rows, args) -> None:
+    for r in rows:
+        log(f"{method} batch {r['batch']}: torch FP32 {r['torch_fp32_ips']:.1f}, ONNX FP32 {r['onnx_fp32_ips']:.1f}, "
+            + ", ".join(f"ONNX INT8 {m} {r[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8)
+            + f", ORT quantize_static {r['ort_static_int8_ips']:.1f}"
+            + "".join(f", {k[:-4]} {r[k]:.1f}" for k in r if k.startswith("openvino_") and k.endswith("_ips"))
+            + (f", best verified INT8 {r['best_int8']} x{r['best_speedup']:.2f} over {r['best_fp32']}" if "best_int8" in r else "")
+            + f" img/s (x{r['int8_speedup']:.2f}), accelerated {r['accelerated']}")
 
 
 def markdown(doc) -> str:
@@ -147,6 +170,8 @@ def markdown(doc) -> str:
                   f"{a['computed_size_mb']:.2f} MB computed, {a['checkpoint_bytes'] / 1e6:.2f} MB checkpoint |",
                   f"| ONNX Runtime INT8 (QDQ) | {a['onnx_int8_top1']:.2f} | {a['top1_agreement']:.2f} % | "
                   f"{a['onnx_bytes'] / 1e6:.2f} MB .onnx |"]
+        if "openvino_int8_top1" in a:
+            lines.append(f"| OpenVINO INT8 (the same .onnx) | {a['openvino_int8_top1']:.2f} | {a['openvino_top1_agreement']:.2f} % | - |")
         if "ort_static_top1" in a:
             lines += [f"| FP32 (PyTorch) | {a['fp32_top1']:.2f} | - | - |",
                       f"| ONNX Runtime quantize_static (QDQ, per-channel, MinMax, same calibration images) | "
@@ -175,15 +200,20 @@ def markdown(doc) -> str:
                   f"median of {s['rows'][0]['repeats']} runs; images/s. CPU: {cpu.get('model')} "
                   f"(AVX2 {isa.get('avx2')}, AVX-512 {isa.get('avx512f')}, VNNI {isa.get('vnni')}).", "",
                   "| batch | PyTorch FP32 | ONNX FP32 | " + " | ".join(f"ONNX INT8 {m} | {m} / ONNX FP32" for m in modes)
-                  + " | ORT quantize_static INT8 | static / ONNX FP32 | accelerated |",
-                  "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|"]
+                  + " | ORT quantize_static INT8 | static / ONNX FP32 | OpenVINO FP32 | "
+                  + " | ".join(f"OpenVINO INT8 {m}" for m in modes)
+                  + " | best verified INT8 / best FP32 | accelerated |",
+                  "|---|---|---|" + "---|---|" * len(modes) + "---|---|---|" + "---|" * len(modes) + "---|---|"]
         for r in s["rows"]:
             cells = " | ".join(f"{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']):.1f} | "
                                f"x{r.get(f'onnx_int8_{m}_ips', r['onnx_int8_ips']) / r['onnx_fp32_ips']:.2f}" for m in modes)
             static = (f"{r['ort_static_int8_ips']:.1f} | x{r['ort_static_speedup']:.2f}" if "ort_static_int8_ips" in r
                       else "- | -")
+            ov = " | ".join(f"{r[k]:.1f}" if k in r else "-" for k in
+                            ["openvino_fp32_ips"] + [f"openvino_int8_{m}_ips" for m in modes])
+            best = (f"x{r['best_speedup']:.2f} ({r['best_int8']} / {r['best_fp32']})" if "best_int8" in r else "-")
             lines.append(f"| {r['batch']} | {r['torch_fp32_ips']:.1f} | {r['onnx_fp32_ips']:.1f} | {cells} | {static} | "
-                         f"{r['accelerated']} |")
+                         f"{ov} | {best} | {r['accelerated']} |")
         lines += ["", "Quantized ops by kind (op type and input quantizers) and how ONNX Runtime ran them:", ""]
         for kind, c in s["rows"][0]["by_quantizer"].items():
             lines.append(f"- {kind}: {c['integer']} integer, {c['float']} float")
@@ -197,6 +227,9 @@ def main():
     p.add_argument("--method", default="ptq4vit", help="the accuracy part's recipe")
     p.add_argument("--speed-methods", nargs="+", default=["base", "ptq4vit"], help="recipes of the speed part")
     p.add_argument("--speed-model", default="deit_small_patch16_224")
+    p.add_argument("--speed-saved", nargs="*", default=[], metavar="DIR",
+                   help="saved quantized models (vitquant quantize --save) timed after the speed methods, e.g. a "
+                        "recipe whose calibration is too slow to repeat here")
     p.add_argument("--speed-calib", type=int, default=8)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--int8", nargs="+", choices=["exact", "fast"], default=["exact", "fast"],

@@ -178,6 +178,8 @@ def _bad_cases(sample_dir, checkpoint, saved, tmp_path):  # noqa: F811
                               "cannot read ONNX file"),
         "truncated ONNX file": (["eval", str(tmp_path / "truncated.onnx"), "--eval-data", img, "--quiet"],
                                 "cannot read ONNX file"),
+        "OpenVINO runtime for a saved directory": (["eval", str(saved), "--eval-data", img, "--quiet",
+                                                    "--runtime", "openvino"], "runs .onnx files"),
         "saved directory from a newer vitquant": (["eval", newer, "--eval-data", img, "--quiet"], "upgrade vitquant"),
         "manifest lacking a field": (["eval", incomplete, "--eval-data", img, "--quiet"], "lacks quantizers"),
         "manifest naming an unknown quantizer": (["eval", unknown_q, "--eval-data", img, "--quiet"],

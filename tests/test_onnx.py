@@ -100,8 +100,9 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
     assert e2["top1"] == pytest.approx(r["quant_top1"], abs=1e-3)  # the saved model is the evaluated one
     agree = sum(a[0] == b[0] for a, b in zip(e1["top5_indices"], e2["top5_indices"])) / len(e1["top5_indices"])
     assert agree >= 0.75  # 8 images of a random-init model: near-tied logits may flip
+    # OpenVINO beside it: tests/test_openvino.py (in a child process)
     assert main(["bench", str(tmp_path / "q"), "--batch-sizes", "1", "2", "--repeats", "2", "--warmup", "1",
-                 "--json", str(tmp_path / "b.json")]) == 0
+                 "--runtime", "onnxruntime", "--json", str(tmp_path / "b.json")]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["batch"] for r in rows] == [1, 2]
     for row in rows:
@@ -111,9 +112,11 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
             row["onnx_int8_ips"] / row["onnx_fp32_ips"], rel=1e-2)
         assert row["ort_static"]["per_channel"] and row["ort_static_speedup"] == pytest.approx(
             row["ort_static_int8_ips"] / row["onnx_fp32_ips"], rel=1e-2)
+        assert set(row["checks"]) == {"onnx_int8_exact"} and row["checks"]["onnx_int8_exact"]["ok"]
+        assert "openvino_fp32_ips" not in row and row["best_int8"] == "onnx_int8_exact"
     # a model name instead of a saved directory: quantized here (random init, synthetic images), then timed
     assert main(["bench", "deit_tiny_patch16_224", "--random-init", "--img-size", "32", "--method", "minmax",
-                 "--batch-sizes", "2", "--repeats", "1", "--warmup", "1", "--quiet",
+                 "--batch-sizes", "2", "--repeats", "1", "--warmup", "1", "--quiet", "--runtime", "onnxruntime",
                  "--json", str(tmp_path / "b2.json")]) == 0
     (row,) = json.loads((tmp_path / "b2.json").read_text())
     assert row["model"] == "deit_tiny_patch16_224" and row["saved"] is None and row["accelerated"] is True

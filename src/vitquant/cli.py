@@ -374,13 +374,16 @@ def run_eval(args) -> dict:
         torch.set_num_threads(args.threads)
     rank, _ = init_distributed()
     if str(args.model).endswith(".onnx"):
-        from .export.onnx import OrtModel
-        model = OrtModel(args.model, args.threads)
+        from .export.onnx import runtime_model
+        model = runtime_model(args.model, args.runtime, args.threads)
         if "vitquant.model" not in model.metadata:
             raise VitquantError(f"{args.model} was not exported by vitquant (no model metadata)")
-        runtime = "onnxruntime"
+        runtime = args.runtime
         data_config = _model_data_config(model.metadata["vitquant.model"], json.loads(model.metadata["vitquant.model_args"]))
     else:
+        if args.runtime != "onnxruntime":
+            raise VitquantError(f"--runtime {args.runtime} runs .onnx files; {args.model} is a saved directory "
+                                "(PyTorch): export it first")
         from .models import data_config_for
         model = _load_saved(args.model)
         runtime = "pytorch"
@@ -451,8 +454,12 @@ def run_bench(args) -> list:
         _check_writable(args.json)
     model, quantized_here, images = _bench_model(args)
     try:
+        if args.runtime == "openvino":
+            from .export.openvino import require_openvino
+            require_openvino()
         rows = benchmark_runtimes(model, args.batch_sizes, warmup=args.warmup, repeats=args.repeats,
-                                  threads=args.threads, int8_modes=args.int8, calib_images=images)
+                                  threads=args.threads, int8_modes=args.int8, calib_images=images,
+                                  openvino={"all": None, "onnxruntime": False, "openvino": True}[args.runtime])
     except (ValueError, NotImplementedError) as e:
         raise VitquantError(f"cannot export: {e}") from None
     env = environment()
@@ -464,7 +471,12 @@ def run_bench(args) -> list:
               f"{row['onnx_fp32_ips']:.1f}, ONNX INT8 ({row['int8']}) {row['onnx_int8_ips']:.1f} (x{row['int8_speedup']:.2f}"
               f"{'' if row['accelerated'] else ', NOT accelerated: some quantized matmuls run in float'})"
               + "".join(f", INT8 ({m}) {row[f'onnx_int8_{m}_ips']:.1f}" for m in args.int8[1:])
-              + f"; ONNX Runtime quantize_static INT8 {row['ort_static_int8_ips']:.1f} (x{row['ort_static_speedup']:.2f})")
+              + f"; ONNX Runtime quantize_static INT8 {row['ort_static_int8_ips']:.1f} (x{row['ort_static_speedup']:.2f})"
+              + ("".join(f"; OpenVINO FP32 {row['openvino_fp32_ips']:.1f}" if "openvino_fp32_ips" in row else "")
+                 + "".join(f", OpenVINO INT8 ({m}) {row[f'openvino_int8_{m}_ips']:.1f}" for m in args.int8
+                           if f"openvino_int8_{m}_ips" in row))
+              + (f"; best verified INT8 path: {row['best_int8']} x{row['best_speedup']:.2f} over the best FP32 "
+                 f"({row['best_fp32']})" if "best_int8" in row else ""))
     _print_fusion(rows[0]["by_quantizer"] if rows else {})
     if args.json:
         atomic_write_json(args.json, rows)

@@ -213,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=_positive_int, help="CPU threads")
     v.add_argument("--no-cache", action="store_true", help="do not cache decoded images")
     v.add_argument("--json", help="write the result as JSON")
+    v.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="runtime of a .onnx file (default onnxruntime; openvino needs pip install 'vitquant[openvino]')")
     v.add_argument("--quiet", action="store_true")
-    b = sub.add_parser("bench", help="throughput (images/s): PyTorch FP32 vs ONNX Runtime FP32 vs INT8")
+    b = sub.add_parser("bench", help="throughput (images/s): PyTorch FP32 vs ONNX Runtime and OpenVINO, FP32 vs INT8")
     b.add_argument("saved", metavar="MODEL|DIR",
                    help="directory written by quantize --save, or a timm model name, quantized here with "
                         "--method / --w-bits / --a-bits on --calib-data (default: synthetic images, for timing only)")
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_positive_int, help="CPU threads for every runtime")
     b.add_argument("--int8", choices=["exact", "fast"], nargs="+", default=["exact"],
                    help="int8 storage modes to time side by side (see export --int8); the first is onnx_int8")
+    b.add_argument("--runtime", choices=["all", "onnxruntime", "openvino"], default="all",
+                   help="runtimes besides PyTorch: all (default: ONNX Runtime, and OpenVINO when installed), "
+                        "onnxruntime only, or openvino (an error when it is not installed; ONNX Runtime still runs)")
     b.add_argument("--json", help="write one object per batch size as a JSON list")
     sw = sub.add_parser("sweep", help="run a grid of models x methods x bit-widths x calibration sizes x seeds "
                                       "(resumable; one process per cell)")

@@ -55,9 +55,10 @@ def environment() -> dict:
         capability = torch.backends.cpu.get_cpu_capability()
     except AttributeError:  # pragma: no cover - older torch
         capability = None
+    from .export.openvino import openvino_version
     from .quantizers.kernels import kernel_status
     return {"python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
-            "numpy": numpy.__version__, "onnxruntime": ort, "platform": platform.platform(),
+            "numpy": numpy.__version__, "onnxruntime": ort, "openvino": openvino_version(), "platform": platform.platform(),
             "processor": cpu_info(), "torch_cpu_capability": capability,
             "torch_threads": torch.get_num_threads(), "fused_kernels": kernel_status(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

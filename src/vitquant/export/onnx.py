@@ -231,3 +231,16 @@ class OrtModel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
+
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def runtime_model(path: str | os.PathLike, runtime: str = "onnxruntime", threads: Optional[int] = None):
+    """An exported file under one of ``RUNTIMES``, callable like the PyTorch model (logits)."""
+    if runtime == "onnxruntime":
+        return OrtModel(path, threads)
+    if runtime == "openvino":
+        from .openvino import OpenVinoModel
+        return OpenVinoModel(path, threads)
+    raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")

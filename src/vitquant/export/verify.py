@@ -1,4 +1,4 @@
-"""Export self-check: the ONNX graph, run in ONNX Runtime, computes the calibrated model.
+"""Export self-check: the ONNX graph, run in ONNX Runtime (or OpenVINO), computes the calibrated model.
 
 Two runtimes never agree bit for bit: LayerNorm, softmax, GELU and matmul accumulation round
 differently. On a float model that is a relative logit difference of ~1e-6; a quantized model
@@ -85,14 +85,17 @@ def noise_floor(model: nn.Module, x: torch.Tensor, relative_noise: float,
 
 def check_export(model: nn.Module, onnx_path: str | os.PathLike, inputs: Optional[torch.Tensor] = None, *,
                  fp32: bool = False, tolerance: float = DEFAULT_TOLERANCE, threads: Optional[int] = None,
-                 source: Optional[str] = None) -> dict:
-    """Run ``onnx_path`` in ONNX Runtime and the simulated ``model`` on ``inputs``; return the
-    figures (max and mean |logit difference|, top-1 agreement, noise floor, allowed mean
-    difference, ``ok``). ``fp32``: the export is of the float model (quantization disabled)."""
+                 source: Optional[str] = None, runtime: str = "onnxruntime",
+                 fp32_path: Optional[str | os.PathLike] = None) -> dict:
+    """Run ``onnx_path`` in ``runtime`` (ONNX Runtime, or OpenVINO: ``export.onnx.RUNTIMES``) and
+    the simulated ``model`` on ``inputs``; return the figures (max and mean |logit difference|,
+    top-1 agreement, noise floor, allowed mean difference, ``ok``). ``fp32``: the export is of the
+    float model (quantization disabled). ``fp32_path``: the FP32 export of ``model``, when one is
+    at hand (else it is exported here), for the runtime's own float rounding noise."""
     import contextlib
 
     from ..nn.wrap import quantization_disabled
-    from .onnx import OrtModel, export_onnx
+    from .onnx import export_onnx, runtime_model
     if inputs is None:
         inputs, source = verification_inputs(model)
     model.eval()
@@ -101,25 +104,27 @@ def check_export(model: nn.Module, onnx_path: str | os.PathLike, inputs: Optiona
         return quantization_disabled(model) if fp32 else contextlib.nullcontext()
     with ctx():
         sim = _logits(model, inputs)
-    ort = OrtModel(onnx_path, threads)(inputs).float()
+    ort = runtime_model(onnx_path, runtime, threads)(inputs).float()
     diff_max, diff_mean = _diffs(ort, sim)
     # the two runtimes on the same float model
     with quantization_disabled(model):
         fp_torch = _logits(model, inputs)
         if fp32:
             fp_ort = ort
+        elif fp32_path is not None:
+            fp_ort = runtime_model(fp32_path, runtime, threads)(inputs).float()
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "fp32.onnx")
                 export_onnx(model, path, fp32=True, verify=False)
-                fp_ort = OrtModel(path, threads)(inputs).float()
+                fp_ort = runtime_model(path, runtime, threads)(inputs).float()
     fp_max, fp_mean = _diffs(fp_ort, fp_torch)
     scale = float(fp_torch.abs().mean()) or 1.0
     with ctx():
         floor_max, floor_mean = noise_floor(model, inputs, fp_max / (float(fp_torch.abs().max()) or 1.0))
     allowed = tolerance * max(floor_mean, fp_mean, 1e-7 * scale)
     ok = math.isfinite(diff_max) and diff_mean <= allowed
-    return {"inputs": source or "given", "num_inputs": int(inputs.shape[0]),
+    return {"runtime": runtime, "inputs": source or "given", "num_inputs": int(inputs.shape[0]),
             "max_logit_diff": diff_max, "mean_logit_diff": diff_mean, "top1_agreement": _top1_agreement(ort, sim),
             "fp32_runtime_max_diff": fp_max, "fp32_runtime_mean_diff": fp_mean,
             "noise_floor_max_diff": floor_max, "noise_floor_mean_diff": floor_mean,
@@ -128,7 +133,8 @@ def check_export(model: nn.Module, onnx_path: str | os.PathLike, inputs: Optiona
 
 def describe(check: dict) -> str:
     """One line for the CLI."""
-    return (f"export check on {check['num_inputs']} {check['inputs']}: ONNX Runtime vs simulated |logit difference| "
+    who = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}.get(check.get("runtime"), "ONNX Runtime")
+    return (f"export check on {check['num_inputs']} {check['inputs']}: {who} vs simulated |logit difference| "
             f"mean {check['mean_logit_diff']:.3g} (allowed {check['allowed_mean_diff']:.3g} = {check['tolerance']:g} x "
             f"noise floor {check['allowed_mean_diff'] / check['tolerance']:.3g}), max {check['max_logit_diff']:.3g} "
             f"(noise floor {max(check['noise_floor_max_diff'], check['fp32_runtime_max_diff']):.3g}), "
