@@ -89,3 +89,13 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("VITQUANT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("VITQUANT_SAMPLE_DIR", raising=False)
     torch.set_num_threads(2)
+
+
+def tiny_deit_checkpoint(folder):
+    """A seeded random-init DeiT-Tiny at 32x32 as a local safetensors checkpoint; returns its path."""
+    import timm
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    ckpt = folder / "ck.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    return ckpt

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import tiny_swin, tiny_vit
+from conftest import tiny_deit_checkpoint, tiny_swin, tiny_vit
 import vitquant
 from vitquant import get_recipe, quantize
 from vitquant.cli import main
@@ -73,11 +73,7 @@ def test_more_than_8_bits_is_refused():
 
 
 def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
-    import timm
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ck.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    ckpt = tiny_deit_checkpoint(tmp_path)
     img, lists = str(sample_dir / "images"), sample_dir / "splits"
     evalargs = ["--eval-data", img, "--eval-list", str(lists / "eval.txt"), "--quiet"]
     assert main(["quantize", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--img-size", "32", "--num-calib", "4",
@@ -182,11 +178,7 @@ def test_a_broken_export_is_refused_and_not_written(make, tmp_path, monkeypatch)
 
 
 def test_cli_export_refuses_a_broken_graph_with_one_line(sample_dir, tmp_path, capsys, monkeypatch):
-    import timm
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ck.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    ckpt = tiny_deit_checkpoint(tmp_path)
     img, lists = str(sample_dir / "images"), sample_dir / "splits"
     assert main(["quantize", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--img-size", "32", "--num-calib", "4",
                  "--calib-data", img, "--calib-list", str(lists / "calib.txt"), "--no-eval", "--quiet",

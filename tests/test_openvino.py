@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY_VIT_ARGS, tiny_vit
+from conftest import TINY_VIT_ARGS, tiny_deit_checkpoint, tiny_vit
 from vitquant import get_recipe, quantize
 from vitquant.cli import main
 from vitquant.export.onnx import export_onnx
@@ -113,11 +113,7 @@ print(json.dumps(codes))
 def test_cli_eval_and_bench_with_openvino(sample_dir, tmp_path):
     """``eval --runtime openvino`` agrees with ONNX Runtime; ``bench`` times OpenVINO beside it,
     checks every INT8 path and names the fastest verified one against the fastest FP32 runtime."""
-    import timm
-    from safetensors.torch import save_file
-    torch.manual_seed(0)
-    ckpt = tmp_path / "ck.safetensors"
-    save_file(timm.create_model("deit_tiny_patch16_224", img_size=32).state_dict(), str(ckpt))
+    ckpt = tiny_deit_checkpoint(tmp_path)
     img, lists = str(sample_dir / "images"), sample_dir / "splits"
     ev = ["--eval-data", img, "--eval-list", str(lists / "eval.txt"), "--quiet"]
     assert main(["quantize", "deit_tiny_patch16_224", "--checkpoint", str(ckpt), "--img-size", "32", "--num-calib", "4",
