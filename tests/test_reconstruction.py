@@ -209,3 +209,34 @@ def test_cli_reconstruct_switches_reach_the_config_and_bad_combinations_fail(sam
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0] and not out.exists(), err
 
+
+
+def test_a_unit_made_worse_keeps_its_calibration():
+    """keep_better (default): a unit whose hard-rounded output error rises during learning (here: a
+    learning rate far too large) keeps its calibrated rounding and steps, bit for bit; with it off
+    the worse result is committed."""
+    cfg = get_recipe("repq", 4, 4)
+    calibrated, _ = quantize(tiny_vit(), X, cfg, progress=False)
+    wild = ReconstructionConfig(iters=20, batch_size=8, lr_round=50.0, lr_step=5.0, drop_prob=0.0)
+    kept, rk = quantize(tiny_vit(), X, cfg.replace(reconstruction=wild), progress=False)
+    import dataclasses
+    raw, rr = quantize(tiny_vit(), X, cfg.replace(reconstruction=dataclasses.replace(wild, keep_better=False)),
+                       progress=False)
+    units = {n: u["reconstruction"] for n, u in rk.ops.items() if "reconstruction" in u}
+    worse = [n for n, u in units.items() if u["error_learned"] > u["error_before"]]
+    assert worse, units  # the wild learning rates did make some unit worse
+    for n in worse:
+        assert units[n]["kept_calibration"] and units[n]["error_after"] == units[n]["error_before"]
+        assert rr.ops[n]["reconstruction"]["kept_calibration"] is False
+    for n, u in units.items():
+        assert u["kept_calibration"] == (u["error_learned"] > u["error_before"])
+    for (name, a), (_, b) in zip(vitquant.quant_ops(calibrated), vitquant.quant_ops(kept)):
+        unit = name if name in units else next((u for u in units if name.startswith(u + ".")), None)
+        if unit in worse:
+            for (k, qa), (_, qb) in zip(a.quantizers().items(), b.quantizers().items()):
+                assert torch.equal(qa.scale, qb.scale), f"{name}.{k}"
+            if isinstance(b, _WeightOp):
+                assert b.rounded_weight is None or torch.equal(b.rounded_weight, a.rounded_weight), name
+    with torch.no_grad():
+        fp = tiny_vit()(X)
+        assert ((kept(X) - fp) ** 2).mean() < ((raw(X) - fp) ** 2).mean()

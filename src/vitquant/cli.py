@@ -100,7 +100,8 @@ def _rounding_from_args(cfg, args):
 
 _RECON_FLAGS = {"iters": "--recon-iters", "batch_size": "--recon-batch-size", "loss": "--recon-loss",
                 "drop_prob": "--qdrop", "lr_round": "--recon-lr-round", "lr_step": "--recon-lr-step",
-                "round_weight": "--recon-round-weight", "learn_steps": "--recon-learn-steps"}
+                "round_weight": "--recon-round-weight", "learn_steps": "--recon-learn-steps",
+                "keep_better": "--recon-keep-better"}
 
 
 def _reconstruction_from_args(cfg, args):

@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--recon-round-weight", type=float, metavar="L",
                     help="AdaRound regulariser weight lambda; unset: 0.01")
     rc.add_argument("--recon-learn-steps", type=_on_off, metavar="on|off", help="learn the uniform activation steps; unset: on")
+    rc.add_argument("--recon-keep-better", type=_on_off, metavar="on|off",
+                    help="a unit that learning made worse keeps its calibrated rounding and steps; unset: on")
     r = q.add_argument_group("run")
     r.add_argument("--search-memory-mb", type=_positive_float, help="memory budget of one candidate chunk (MB)")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="evaluation batch size")

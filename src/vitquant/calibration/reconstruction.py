@@ -56,7 +56,9 @@ class ReconstructionConfig:
     CPU, 2000 x 32 on CUDA); Adam learning rates ``lr_round`` (AdaRound's V) and ``lr_step`` (LSQ steps, on
     their logarithm, cosine decay); ``drop_prob`` QDrop's probability of leaving an activation in FP (0: off); ``loss`` "mse"
     or "fisher"; ``round_weight`` the regulariser's lambda, ``warmup`` the fraction of iterations
-    without it, ``beta`` its start and end temperature; ``learn_steps``: LSQ on; ``seed``."""
+    without it, ``beta`` its start and end temperature; ``learn_steps``: LSQ on; ``keep_better``: a
+    unit whose output error (hard rounding, no QDrop) is higher after learning than before keeps
+    its calibrated rounding and steps (off: always commit what was learned, as BRECQ); ``seed``."""
     iters: Optional[int] = None
     batch_size: Optional[int] = None
     lr_round: float = 1e-2
@@ -67,6 +69,7 @@ class ReconstructionConfig:
     warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     learn_steps: bool = True
+    keep_better: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -344,11 +347,16 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
     finally:
         for p, req in weights_to_restore.items():
             p.requires_grad_(req)
-    # commit: hard codes become the op's rounded weight; learned steps go into the quantizers
+    # commit: hard codes become the op's rounded weight; learned steps go into the quantizers (unless
+    # learning made the unit worse and keep_better holds: then the calibrated quantizers go back)
+    kept = rc.keep_better and after > before
     changed = 0
     for name, op in ops:
         r = rounders.get(name)
         if r is None:
+            continue
+        if kept:
+            op.set_quantizer("weight", r.q)
             continue
         q = r.q
         with torch.no_grad():
@@ -360,13 +368,14 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
         op.set_quantizer("weight", q)
         op.set_rounded_weight(w)
     for op, operand, q, wrapper in acts:
-        if wrapper.learned is not None:
+        if wrapper.learned is not None and not kept:
             wrapper.learned.commit()
         op.set_quantizer(operand, q)
     for _, op in ops:
         op.refresh()
     return {"iters": iters_run, "seconds": round(time.perf_counter() - t0, 3),
-            "error_before": before, "error_after": after,
+            "error_before": before, "error_after": before if kept else after, "error_learned": after,
+            "kept_calibration": kept,
             "loss_first": losses[0] if losses else None, "loss_last": float(sum(losses[-10:]) / max(1, len(losses[-10:])))
             if losses else None,
             "adaround_ops": sorted(rounders), "learned_steps": len(steps), "frozen": frozen,
