@@ -201,6 +201,20 @@ def predict_logits(sess, images: torch.Tensor, batch_size: int = 64) -> torch.Te
     return torch.cat(out)
 
 
+def warn_fast_without_vnni(path: str, metadata: dict, runtime: str) -> None:
+    """Warn when a file exported with ``--int8 fast`` runs on an x86 CPU without VNNI, where the
+    u8 x s8 integer kernels of ONNX Runtime and OpenVINO saturate (measured under an emulated
+    Haswell: ``tests/test_onnx.py``, ``tests/test_openvino.py``)."""
+    if metadata.get("vitquant.int8") != "fast":
+        return
+    from ..report import cpu_info
+    cpu = cpu_info()
+    if cpu["architecture"] in ("x86_64", "AMD64") and cpu["isa"] and not cpu["isa"]["vnni"]:
+        warnings.warn(f"vitquant: {path} was exported with --int8 fast (u8 x s8 integer kernels); this CPU "
+                      f"({cpu['model']}) has no VNNI, where {runtime}'s u8 x s8 kernels saturate and "
+                      "compute wrong results: export with --int8 exact (the default)", RuntimeWarning, stacklevel=3)
+
+
 class OrtModel:
     """An exported model under ONNX Runtime, callable like the PyTorch model (logits tensor)."""
 
@@ -218,13 +232,7 @@ class OrtModel:
         self.input_name = self.session.get_inputs()[0].name
         width = self.session.get_outputs()[0].shape[-1]
         self.num_classes = width if isinstance(width, int) else None
-        if self.metadata.get("vitquant.int8") == "fast":
-            from ..report import cpu_info
-            cpu = cpu_info()
-            if cpu["architecture"] in ("x86_64", "AMD64") and cpu["isa"] and not cpu["isa"]["vnni"]:
-                warnings.warn(f"vitquant: {self.path} was exported with --int8 fast (u8 x s8 integer kernels); this CPU "
-                              f"({cpu['model']}) has no VNNI, where ONNX Runtime's u8 x s8 kernels saturate and "
-                              "compute wrong results: export with --int8 exact (the default)", RuntimeWarning, stacklevel=2)
+        warn_fast_without_vnni(self.path, self.metadata, "ONNX Runtime")
 
     def eval(self) -> "OrtModel":
         return self

@@ -62,6 +62,8 @@ class OpenVinoModel:
         if "32" not in precision:  # the hint is a request; verify what was compiled
             raise VitquantError(f"OpenVINO compiled {self.path} at {precision}, not FP32")
         self.precision = "f32"
+        from .onnx import warn_fast_without_vnni
+        warn_fast_without_vnni(self.path, self.metadata, "OpenVINO")
         self.request = self.compiled.create_infer_request()
         width = self.compiled.outputs[0].get_partial_shape()[-1]
         self.num_classes = width.get_length() if width.is_static else None
