@@ -117,8 +117,8 @@ def accuracy(args, doc) -> None:
         simulated_agreement_with_fp32=_agreement(sim, fp), ort_static=static_cfg,
         ort_static_top1=topk_accuracy(static.top5, evalset.labels)[0], ort_static_agreement_with_fp32=_agreement(static, fp))
     if ov is not None:
-        doc["accuracy"] |= dict(openvino_int8_top1=topk_accuracy(ov.top5, evalset.labels)[0],
-                                openvino_top1_difference=round(topk_accuracy(ov.top5, evalset.labels)[0] - sim1, 4),
+        ov1 = topk_accuracy(ov.top5, evalset.labels)[0]
+        doc["accuracy"] |= dict(openvino_int8_top1=ov1, openvino_top1_difference=round(ov1 - sim1, 4),
                                 openvino_top1_agreement=_agreement(sim, ov), openvino_seconds=round(ov.seconds, 1))
     log(f"simulated {sim1:.2f}, ONNX Runtime INT8 {ort1:.2f} (diff {ort1 - sim1:+.2f}), agreement {agree:.2f} %, "
         f"reload identical {identical}")

@@ -215,20 +215,26 @@ def warn_fast_without_vnni(path: str, metadata: dict, runtime: str) -> None:
                       "compute wrong results: export with --int8 exact (the default)", RuntimeWarning, stacklevel=3)
 
 
+def open_exported(path: str | os.PathLike, open_runtime, who: str = "") -> tuple[str, dict, object]:
+    """``(path, metadata, open_runtime(path))`` for an exported file; a missing or unreadable file
+    (onnx's DecodeError, the runtime's own parse errors) is one :class:`VitquantError` line."""
+    import onnx
+    path = str(path)
+    if not os.path.isfile(path):
+        raise VitquantError(f"ONNX file not found: {path}")
+    try:
+        metadata = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        return path, metadata, open_runtime(path)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise VitquantError(f"{who}cannot read ONNX file {path} (corrupt or truncated?): {first}") from None
+
+
 class OrtModel:
     """An exported model under ONNX Runtime, callable like the PyTorch model (logits tensor)."""
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
-        import onnx
-        self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise VitquantError(f"ONNX file not found: {self.path}")
-        try:
-            self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
-            self.session = session(path, threads)
-        except Exception as e:  # onnx's DecodeError, ORT's InvalidProtobuf / Fail: all mean an unreadable file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise VitquantError(f"cannot read ONNX file {self.path} (corrupt or truncated?): {first}") from None
+        self.path, self.metadata, self.session = open_exported(path, lambda p: session(p, threads))
         self.input_name = self.session.get_inputs()[0].name
         width = self.session.get_outputs()[0].shape[-1]
         self.num_classes = width if isinstance(width, int) else None

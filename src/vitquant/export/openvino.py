@@ -43,26 +43,19 @@ class OpenVinoModel:
 
     def __init__(self, path: str | os.PathLike, threads: Optional[int] = None):
         require_openvino()
-        import onnx
         import openvino as ov
-        self.path = str(path)
-        if not os.path.isfile(self.path):
-            raise VitquantError(f"ONNX file not found: {self.path}")
-        try:
-            self.metadata = {p.key: p.value for p in onnx.load(self.path, load_external_data=False).metadata_props}
+
+        from .onnx import open_exported, warn_fast_without_vnni
+        settings = dict(COMPILE_SETTINGS) | ({"INFERENCE_NUM_THREADS": int(threads)} if threads else {})
+
+        def compile_for_cpu(p):
             core = ov.Core()
-            settings = dict(COMPILE_SETTINGS)
-            if threads:
-                settings["INFERENCE_NUM_THREADS"] = int(threads)
-            self.compiled = core.compile_model(core.read_model(self.path), "CPU", settings)
-        except Exception as e:  # onnx's DecodeError, OpenVINO's RuntimeError: an unreadable file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise VitquantError(f"OpenVINO cannot read {self.path} (corrupt or truncated?): {first}") from None
+            return core.compile_model(core.read_model(p), "CPU", settings)
+        self.path, self.metadata, self.compiled = open_exported(path, compile_for_cpu, "OpenVINO ")
         precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
         if "32" not in precision:  # the hint is a request; verify what was compiled
             raise VitquantError(f"OpenVINO compiled {self.path} at {precision}, not FP32")
         self.precision = "f32"
-        from .onnx import warn_fast_without_vnni
         warn_fast_without_vnni(self.path, self.metadata, "OpenVINO")
         self.request = self.compiled.create_infer_request()
         width = self.compiled.outputs[0].get_partial_shape()[-1]

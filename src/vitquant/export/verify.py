@@ -104,28 +104,28 @@ def check_export(model: nn.Module, onnx_path: str | os.PathLike, inputs: Optiona
         return quantization_disabled(model) if fp32 else contextlib.nullcontext()
     with ctx():
         sim = _logits(model, inputs)
-    ort = runtime_model(onnx_path, runtime, threads)(inputs).float()
-    diff_max, diff_mean = _diffs(ort, sim)
+    got = runtime_model(onnx_path, runtime, threads)(inputs).float()
+    diff_max, diff_mean = _diffs(got, sim)
     # the two runtimes on the same float model
     with quantization_disabled(model):
         fp_torch = _logits(model, inputs)
         if fp32:
-            fp_ort = ort
+            fp_runtime = got
         elif fp32_path is not None:
-            fp_ort = runtime_model(fp32_path, runtime, threads)(inputs).float()
+            fp_runtime = runtime_model(fp32_path, runtime, threads)(inputs).float()
         else:
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "fp32.onnx")
                 export_onnx(model, path, fp32=True, verify=False)
-                fp_ort = runtime_model(path, runtime, threads)(inputs).float()
-    fp_max, fp_mean = _diffs(fp_ort, fp_torch)
+                fp_runtime = runtime_model(path, runtime, threads)(inputs).float()
+    fp_max, fp_mean = _diffs(fp_runtime, fp_torch)
     scale = float(fp_torch.abs().mean()) or 1.0
     with ctx():
         floor_max, floor_mean = noise_floor(model, inputs, fp_max / (float(fp_torch.abs().max()) or 1.0))
     allowed = tolerance * max(floor_mean, fp_mean, 1e-7 * scale)
     ok = math.isfinite(diff_max) and diff_mean <= allowed
     return {"runtime": runtime, "inputs": source or "given", "num_inputs": int(inputs.shape[0]),
-            "max_logit_diff": diff_max, "mean_logit_diff": diff_mean, "top1_agreement": _top1_agreement(ort, sim),
+            "max_logit_diff": diff_max, "mean_logit_diff": diff_mean, "top1_agreement": _top1_agreement(got, sim),
             "fp32_runtime_max_diff": fp_max, "fp32_runtime_mean_diff": fp_mean,
             "noise_floor_max_diff": floor_max, "noise_floor_mean_diff": floor_mean,
             "tolerance": tolerance, "allowed_mean_diff": allowed, "ok": ok}
