@@ -91,7 +91,7 @@ def test_adaround_starts_at_the_weight_and_hardens_to_floor_or_ceiling():
     assert torch.allclose(soft[inside], op.weight[inside], atol=1e-5)  # h(V) = frac(W / s) at the start
     r.hard = True
     assert torch.equal(r(op.weight), wq(op.weight))  # [V >= 0] at the start is nearest rounding
-    assert 0 < float(r.regulariser(20.0)) <= op.weight.numel()
+    assert 0 < float(r.regulariser(20.0).detach()) <= op.weight.numel()
 
 
 def test_lsq_step_gets_a_gradient_and_commit_keeps_the_zero_point():

@@ -26,7 +26,7 @@ import math
 import torch
 
 from . import kernels
-from .base import Quantizer, _constant, broadcast_groups, reduce_to_groups
+from .base import Quantizer, _constant, broadcast_groups, lookup_part, reduce_to_groups
 
 GELU_SHIFT = 0.16997124254703522  # -min_x GELU(x), AdaLog's shift for post-GELU
 
@@ -93,11 +93,12 @@ class AdaLogQuantizer(Quantizer):
         super().set_scale(scale)
 
     def export_parts(self, x):
-        """No integer kernel applies to log codes: the graph computes the quantize-dequantize in float
-        (Log, Round, Floor, Pow, Where) and the consuming op stays a float op."""
+        """No integer kernel applies to log codes: the graph computes each code in float (Add, Div,
+        Clip, Log, Mul, Div, Round, Clip; the flushed values as code ``2^b``) and reads its value
+        from a constant table of the ``2^b + 1`` states (one Gather); the consuming op stays a float op."""
         rng, q = (broadcast_groups(_constant(self.scale[:, i]), x, self.group_dim) for i in (0, 1))
-        return [(kernels.adalog_quant(x, rng, q, self.shift, float(self.r), float(self.levels),
-                                      float(self.table_den)), None)]
+        state = kernels.adalog_state(x, rng, q, self.shift, float(self.r), float(self.levels))
+        return [(lookup_part(state, self.state_values(self.levels + 1), self.group_dim), None)]
 
     def spec(self) -> dict:
         return super().spec() | {"shift": self.shift, "r": self.r, "q_range": list(self.q_range),

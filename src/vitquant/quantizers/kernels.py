@@ -100,6 +100,12 @@ def log_codes(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float
     return q.nan_to_num_(0.0).clamp_min_(0).clamp_max_(levels - 1), flush
 
 
+def log_state(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float) -> torch.Tensor:
+    """:func:`log_codes` as one state per element, the flushed ones ``levels`` (ONNX export, which
+    reads each state's value from a table): the same ops, one clamp. ``x >= 0`` (post-softmax)."""
+    return (x / s).log2().mul_(-per_octave).round_().clamp_(0.0, levels)
+
+
 SQRT2_M1 = 0.41421356237309515  # sqrt(2) - 1
 
 
@@ -125,6 +131,14 @@ def adalog_codes(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float
     c = y.log2_().mul_(-r).div_(q).round_()
     flush = ~(c < levels)
     return c.clamp_(0.0, levels - 1), flush
+
+
+def adalog_state(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float,
+                 levels: float) -> torch.Tensor:
+    """:func:`adalog_codes` as one state per element, the flushed ones ``levels`` (ONNX export, which
+    reads each state's value from a table): the same ops, one clamp."""
+    y = ((x + shift) / s).clamp_(1e-15, 1.0)
+    return y.log2_().mul_(-r).div_(q).round_().clamp_(0.0, levels)
 
 
 def adalog_value(c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, k: float) -> torch.Tensor:

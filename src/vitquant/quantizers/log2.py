@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, _constant, broadcast_groups, group_rows, least_mse, percentile_tuple, reduce_to_groups, row_quantiles
+from .base import (Quantizer, _constant, broadcast_groups, group_rows, least_mse, lookup_part, percentile_tuple,
+                   reduce_to_groups, row_quantiles)
 
 class LogQuantizer(Quantizer):
     """Log2 (``per_octave=1``) or log-sqrt2 (``per_octave=2``) quantizer for non-negative values."""
@@ -62,10 +63,12 @@ class LogQuantizer(Quantizer):
         return reduce_to_groups(x.detach().clamp(min=0), self.group_dim, self.groups, "max").clamp(min=1e-8).float()
 
     def export_parts(self, x):
-        """No integer kernel applies to log codes: the graph computes the quantize-dequantize in float
-        (Log, Round, Clip, Pow, Where) and the consuming matmul stays a float MatMul."""
+        """No integer kernel applies to log codes: the graph computes each code in float (Div, Log,
+        Mul, Round, Clip; zero and the flushed values as code ``L``) and reads its value from a
+        constant table of the ``L + 1`` states (one Gather); the consuming matmul stays a float MatMul."""
         s = broadcast_groups(_constant(self.scale), x, self.group_dim)
-        return [(kernels.log_quant(x, s, float(self.per_octave), float(self.levels)), None)]
+        state = kernels.log_state(x, s, float(self.per_octave), float(self.levels))
+        return [(lookup_part(state, self.state_values(self.levels + 1), self.group_dim), None)]
 
     def spec(self) -> dict:
         return super().spec() | {"per_octave": self.per_octave, "zero": self.zero,

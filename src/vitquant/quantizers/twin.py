@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import kernels
-from .base import Quantizer, broadcast_groups, qdq_part, reduce_to_groups
+from .base import Quantizer, broadcast_groups, qdq_part, reduce_to_groups, split_at
 
 GELU_MIN = 0.16997124254703522  # -min GELU(x), the fixed negative range of post-GELU twin
 
@@ -32,11 +32,11 @@ class TwinSoftmaxQuantizer(Quantizer):
         return super().spec() | {"max_exponent": self.max_exponent}
 
     def export_parts(self, x):
-        """R1 part (values below ``levels * D1``, else 0) and R2 part, each unsigned on its step."""
-        in_r1 = x < self.levels * broadcast_groups(self.scale, x, self.group_dim)
-        zero = torch.zeros_like(x)
-        return [qdq_part(torch.where(in_r1, x, zero), self.scale, self.group_dim, 0, self.levels - 1),
-                qdq_part(torch.where(in_r1, zero, x), torch.tensor([self.d2]), None, 0, self.levels - 1)]
+        """R1 part (values below ``levels * D1``, else 0) and R2 part, each unsigned on its step
+        (softmax outputs are non-negative: the int8 range's saturation is the codes' top)."""
+        r1, r2 = split_at(x, x < self.levels * broadcast_groups(self.scale, x, self.group_dim))
+        return [qdq_part(r1, self.scale, self.group_dim, 0, self.levels - 1, nonnegative=True),
+                qdq_part(r2, torch.tensor([self.d2]), None, 0, self.levels - 1, nonnegative=True)]
 
     def _args(self, x, s):
         return x, s, torch.full_like(s, self.d2), float(self.levels)

@@ -20,7 +20,7 @@ import math
 import torch
 
 from . import kernels
-from .base import Quantizer, broadcast_groups, group_rows, qdq, qdq_part, reduce_to_groups
+from .base import Quantizer, broadcast_groups, group_rows, qdq, qdq_part, reduce_to_groups, split_at
 
 
 def _exponent_grid(base: torch.Tensor, exponents: range, alpha: float, beta: float, n: int) -> torch.Tensor:
@@ -100,9 +100,9 @@ class ValueTwoScaleQuantizer(Quantizer):
         coarse = fine * 2.0 ** m
         code = torch.round(x / broadcast_groups(fine, x, self.group_dim))
         in_fine = (code >= self.qmin) & (code <= self.qmax)
-        zero = torch.zeros_like(x)
-        return [qdq_part(torch.where(in_fine, x, zero), fine, self.group_dim, self.qmin, self.qmax),
-                qdq_part(torch.where(in_fine, zero, x), coarse, self.group_dim, 0, self.cmax)]
+        fine_part, coarse_part = split_at(x, in_fine)
+        return [qdq_part(fine_part, fine, self.group_dim, self.qmin, self.qmax),
+                qdq_part(coarse_part, coarse, self.group_dim, 0, self.cmax)]
 
     def extra_repr(self):
         return super().extra_repr() + f", V-2SF {'signed' if self.signed else 'unsigned'}"
