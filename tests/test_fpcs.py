@@ -45,6 +45,11 @@ def test_percentile_grid_spans_percentile_to_full_range():
     assert torch.allclose(grid[15, :, 0], (x.amax(1) - x.amin(1)) / 15, atol=1e-5)
     assert torch.allclose(spacing, grid[1, :, 0] - grid[0, :, 0])
     assert grid[:, 0, 1].unique().tolist() == list(range(4, 12))  # 8 zero points around 2^(b-1)
+    # more zero points than candidates (a conv weight above 8 bits, or a small --num-candidates):
+    # one step per zero point, as many zero points as candidates, never an empty grid
+    few, _ = percentile_grid(x, UniformQuantizer(10, symmetric=False, groups=4, group_dim=0),
+                             FPCSConfig(num_candidates=32, width=8, gelu_width=8), zero_points=512, floor=1e-8)
+    assert few.shape == (32, 4, 2) and few[:, 0, 1].unique().numel() == 32
 
 
 def test_affine_pairs_quantize_as_the_uniform_quantizer_they_are_written_to():
@@ -140,9 +145,11 @@ def test_adalog_recipe_end_to_end(tmp_path):
     assert torch.isfinite(out).all() and nn.functional.cosine_similarity(out.flatten(), ref.flatten(), 0) > 0.8
     loaded, loaded_out, ort_out, kernels = save_load_export(model, tmp_path, x)
     assert torch.equal(loaded_out, out)
-    assert {kernels[f"blocks.0.{n}"] for n in ("attn.qkv", "attn.proj", "mlp.fc1")} == {"integer"}
+    # q @ k^T (asymmetric per-head q and k: zero points expanded around the codes' matmul) is integer;
+    # the log-quantized operands of attn @ v and fc2 have no integer kernel
+    assert {kernels[f"blocks.0.{n}"] for n in ("attn.qkv", "attn.proj", "mlp.fc1", "attn.matmul_qk")} == {"integer"}
     assert kernels["head"] == "integer"
-    assert {kernels[f"blocks.0.{n}"] for n in ("attn.matmul_qk", "attn.matmul_av", "mlp.fc2")} == {"float"}
+    assert {kernels[f"blocks.0.{n}"] for n in ("attn.matmul_av", "mlp.fc2")} == {"float"}
     assert torch.allclose(torch.as_tensor(ort_out), out, atol=1e-3 * float(out.abs().max()))
 
 

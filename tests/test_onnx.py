@@ -277,3 +277,30 @@ def test_exact_int8_storage_is_exact_on_an_avx2_only_cpu(tmp_path):
     diff = json.loads(done.stdout.strip().splitlines()[-1])
     assert diff[str(tmp_path / "exact.onnx")] < 1e-5
     assert diff[str(tmp_path / "fast.onnx")] > 1e-3  # the emulated CPU really lacks VNNI
+
+
+def test_uniform_families_make_the_flagship_run_integer_kernels(tmp_path):
+    """``--softmax-quantizer uniform --gelu-quantizer uniform`` (``recipes.activation_quantizer``) on
+    vitq: every quantized Linear and matmul then runs an integer kernel in ONNX Runtime (the
+    recipe's own log quantizers leave attn @ v and fc2 float), and the file computes the simulation."""
+    from vitquant.recipes import activation_quantizer
+    small = dict(num_candidates=32, width=8, steps=2, rounds=1, gelu_bases=4, gelu_ranges=4, gelu_width=8)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    uniform = get_recipe("vitq", 8, 8, **small).replace(**activation_quantizer("softmax", "uniform"),
+                                                         **activation_quantizer("gelu", "uniform"))
+    assert uniform.softmax_log is None and uniform.gelu_log is None and uniform.fpcs is not None
+    runtimes = {}
+    for name, cfg in {"log": get_recipe("vitq", 8, 8, **small), "uniform": uniform}.items():
+        model, _ = quantize(tiny_vit(), x, cfg, progress=False)
+        info = export_onnx(model, tmp_path / f"{name}.onnx")
+        assert info["check"]["ok"]
+        runtimes[name] = integer_kernels(tmp_path / f"{name}.onnx", model)
+        if name == "uniform":
+            with torch.no_grad():
+                expect = model(x)
+            got = OrtModel(tmp_path / f"{name}.onnx")(x)
+            torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2 * float(expect.abs().max()))
+    assert not runtimes["log"]["accelerated"] and runtimes["log"]["float_matmuls"] > 0
+    assert runtimes["uniform"]["accelerated"] and runtimes["uniform"]["float_matmuls"] == 0
+    with pytest.raises(ValueError, match="unknown post-gelu quantizer 'log2'"):
+        activation_quantizer("gelu", "log2")

@@ -19,11 +19,18 @@ from .options import build_parser  # noqa: F401  (also vitquant.cli.build_parser
 def _config_from_args(args):
     from .calibration.engine import MemoryBudget
     from .calibration.objectives import RankingPearson
-    from .recipes import MixedPrecisionConfig, get_recipe
-    # V-2SF and twin uniform exclude each other: asking for one turns the other off unless both are given
-    twin_v2sf = {}
+    from .recipes import MixedPrecisionConfig, activation_quantizer, get_recipe
+    # V-2SF and twin uniform exclude each other: asking for one turns the other off unless both are given;
+    # --softmax-quantizer / --gelu-quantizer name the family outright
+    twin_v2sf, families = {}, {}
     for act in ("softmax", "gelu"):
-        twin, v2sf = getattr(args, f"{act}_twin"), getattr(args, f"{act}_v2sf")
+        twin, v2sf, family = (getattr(args, f"{act}_{k}") for k in ("twin", "v2sf", "quantizer"))
+        if family is not None:
+            if twin is not None or v2sf is not None:
+                raise VitquantError(f"--{act}-quantizer names the post-{act} quantizer; drop --{act}-twin / "
+                                    f"--{act}-v2sf")
+            families |= activation_quantizer(act, family)  # applied after the recipe (it sets fields to None)
+            continue
         if twin and v2sf:
             raise VitquantError(f"--{act}-twin on and --{act}-v2sf on exclude each other; give one")
         twin_v2sf[f"{act}_twin"] = False if v2sf and twin is None else twin
@@ -47,6 +54,8 @@ def _config_from_args(args):
     overrides["bias_correction"] = args.bias_correction
     try:
         cfg = get_recipe(args.method, args.w_bits, args.a_bits, **overrides)
+        if families:
+            cfg = cfg.replace(**families)
         ranking = dict(theta=args.ranking_theta, gamma=args.ranking_gamma, max_pairs=args.ranking_pairs)
         ranking = {k: v for k, v in ranking.items() if v is not None}
         if args.ranking is False:

@@ -59,7 +59,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes import RECIPES
+    from .recipes import ACTIVATION_QUANTIZERS, RECIPES
     p = _Parser(prog="vitquant", description="Post-training quantization of vision transformers.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessian-guided objective (off: cosine distance)")
     a.add_argument("--softmax-twin", type=_on_off, metavar="on|off", help="twin uniform for post-softmax")
     a.add_argument("--gelu-twin", type=_on_off, metavar="on|off", help="twin uniform for post-GELU")
+    a.add_argument("--softmax-quantizer", choices=list(ACTIVATION_QUANTIZERS["softmax"]),
+                   help="post-softmax quantizer family instead of the recipe's (uniform: integer kernels)")
+    a.add_argument("--gelu-quantizer", choices=list(ACTIVATION_QUANTIZERS["gelu"]),
+                   help="post-GELU quantizer family instead of the recipe's (uniform: integer kernels)")
     a.add_argument("--objective", choices=["mse", "cosine", "pearson", "hessian"], help="search objective")
     a.add_argument("--search-rounds", type=_positive_int, help="alternating search rounds")
     a.add_argument("--num-candidates", type=_positive_int, help="candidates per search")

@@ -337,6 +337,29 @@ RECIPES = {"minmax": minmax, "percentile": percentile, "base": base, "ptq4vit": 
            "tsptq": tsptq, "repq": repq, "adalog": adalog, "vitq": vitq}
 
 
+# One name per post-softmax / post-GELU quantizer family and the config fields that select it
+# (CLI ``--softmax-quantizer`` / ``--gelu-quantizer``; :func:`activation_quantizer`).
+ACTIVATION_QUANTIZERS = {
+    "softmax": {"uniform": {}, "twin": {"softmax_twin": True}, "v2sf": {"softmax_v2sf": True},
+                "log2": {"softmax_log": "log2"}, "log_sqrt2": {"softmax_log": "log_sqrt2"},
+                "adalog": {"softmax_log": "adalog"}},
+    "gelu": {"uniform": {}, "twin": {"gelu_twin": True}, "v2sf": {"gelu_v2sf": True},
+             "adalog": {"gelu_log": "adalog"}},
+}
+
+
+def activation_quantizer(site: str, name: str) -> dict:
+    """The config overrides that give ``site`` ("softmax" or "gelu") the quantizer family ``name``
+    and switch the other families of that site off."""
+    if site not in ACTIVATION_QUANTIZERS:
+        raise ValueError(f"unknown activation site {site!r}; choose softmax or gelu")
+    families = ACTIVATION_QUANTIZERS[site]
+    if name not in families:
+        raise ValueError(f"unknown post-{site} quantizer {name!r}; choose {', '.join(families)}")
+    off = {f"{site}_twin": False, f"{site}_v2sf": False, f"{site}_log": None}
+    return off | families[name]
+
+
 def get_recipe(method: str, w_bits: int = 8, a_bits: int = 8, **overrides) -> QuantConfig:
     """The config of ``method`` at the given bit-widths, with field overrides (ablations)."""
     if method not in RECIPES:

@@ -111,7 +111,9 @@ def percentile_grid(x: torch.Tensor, q: Quantizer, cfg: FPCSConfig, zero_points:
                     floor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """AdaLog's initial uniform grid ``[C, G, 2]`` of (step, zero point) for the groups of ``q`` on
     ``x``, and its step spacing ``[G]``: ``C / Z`` steps from ``(P_p - P_(1-p))`` to ``(max - min)``
-    over ``2^b - 1`` for each of ``Z`` zero points ``2^(b-1) - Z/2 .. 2^(b-1) + Z/2 - 1``."""
+    over ``2^b - 1`` for each of ``Z`` zero points ``2^(b-1) - Z/2 .. 2^(b-1) + Z/2 - 1`` (at most ``C``
+    of them: a conv weight at 8 bits has 128, above that more than AdaLog's 128 candidates)."""
+    zero_points = min(zero_points, cfg.num_candidates)
     rows = group_rows(x.detach().float(), q.group_dim, q.groups)
     p = cfg.grid_percentile / 100.0
     hi, lo = row_quantiles(rows, [p, 1.0]), row_quantiles(rows, [1.0 - p, 0.0])  # [2, G]

@@ -31,6 +31,22 @@ def _scaled(t: torch.Tensor, *factors) -> torch.Tensor:
     return t
 
 
+def _zero_point_matmul(a: torch.Tensor, za: Optional[torch.Tensor], b: torch.Tensor,
+                       zb: Optional[torch.Tensor]) -> torch.Tensor:
+    """``(A - z_a) @ (B - z_b)`` for integer codes ``A [.., M, K]``, ``B [.., K, N]`` and zero points
+    that broadcast over the matrices (one per head): ``A @ B - z_a 1 B - A 1 z_b + K z_a z_b``.
+    The codes' own matmul keeps its QDQ inputs, so ONNX Runtime runs it as an integer kernel; the
+    row / column sums are cheap float reductions (exact: integers below 2^24 for 8-bit codes, K < 256)."""
+    out = torch.matmul(a, b)
+    if za is not None:
+        out = out - za * b.sum(-2, keepdim=True)
+    if zb is not None:
+        out = out - a.sum(-1, keepdim=True) * zb
+    if za is not None and zb is not None:
+        out = out + za * zb * a.shape[-1]
+    return out
+
+
 class _ExportWeight:
     """Integer weight codes, their steps and the channel axis (a plain object: ONNX tracing passes
     it to the symbolic function untouched)."""
@@ -102,11 +118,19 @@ class QuantOp(nn.Module):
         """Whether quantizer ``q`` of this op acts now (present, enabled, calibrated, op on)."""
         return q is not None and self.quant_enabled and q.enabled and q.calibrated
 
-    def _parts(self, operand: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """``x`` as QDQ-written ``(part, factor)`` pairs, ``sum(part * factor)`` its quantized
-        value (ONNX export, see ``Quantizer.export_parts``)."""
+    def _parts(self, operand: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor],
+                                                                  Optional[torch.Tensor]]]:
+        """``x`` as QDQ-written ``(part, factor, zero)`` triples, ``sum((part - zero) * factor)`` its
+        quantized value (ONNX export, see ``Quantizer.export_parts``; ``zero``: per-group zero points
+        of integer codes, else None)."""
         q = self.quantizer(operand)
-        return q.export_parts(x) if self._applies(q) else [(x, None)]
+        parts = q.export_parts(x) if self._applies(q) else [(x, None)]
+        return [p if len(p) == 3 else (*p, None) for p in parts]
+
+    def _values(self, operand: str, x: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of :meth:`_parts` as the values that they are (a zero point, where one is
+        left, subtracted in float, so the consumer runs in float)."""
+        return [_scaled(p if z is None else p - z, f) for p, f, z in self._parts(operand, x)]
 
     def output_group_dim(self, operand: str) -> Optional[int]:
         """Dimension of the op output (batch first) along which ``operand``'s scale groups act
@@ -234,7 +258,7 @@ class QuantLinear(_WeightOp):
             if flat:             # MatMul + Add into a float Gemm before its QDQ fusion can see it
                 x = x.unsqueeze(1)
             w = self.export_weight(x, transpose=True)
-            y = _total(torch.matmul(_scaled(p, f), w) for p, f in self._parts("input", x))
+            y = _total(torch.matmul(v, w) for v in self._values("input", x))
             bias = self.output_bias()
             y = y if bias is None else y + bias
             return y.squeeze(1) if flat else y
@@ -272,7 +296,7 @@ class QuantConv2d(_WeightOp):
     def forward(self, x):
         if self.exporting:
             w, bias = self.export_weight(x), self.output_bias()
-            y = _total(F.conv2d(_scaled(p, f), w, None, **self.conv_args) for p, f in self._parts("input", x))
+            y = _total(F.conv2d(v, w, None, **self.conv_args) for v in self._values("input", x))
             return y if bias is None else y + bias.reshape(1, -1, 1, 1)
         return F.conv2d(self._q("input", x), self.quantized_weight(), self.output_bias(), **self.conv_args)
 
@@ -308,8 +332,8 @@ class QuantMatMul(QuantOp):
     def forward(self, a, b):
         if self.exporting:  # two-range operands: one integer matmul per pair of parts
             # per-head steps factor out of each head's matmul: (A'/s_a)(B'/s_b) s_a s_b
-            return _total(_scaled(torch.matmul(pa, pb), fa, fb)
-                          for pa, fa in self._parts("a", a) for pb, fb in self._parts("b", b))
+            return _total(_scaled(_zero_point_matmul(pa, za, pb, zb), fa, fb)
+                          for pa, fa, za in self._parts("a", a) for pb, fb, zb in self._parts("b", b))
         return torch.matmul(self._q("a", a), self._q("b", b))
 
     def output_group_dim(self, operand):
@@ -346,7 +370,7 @@ class QuantLayerNorm(QuantOp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.exporting:
-            x = _total(_scaled(p, f) for p, f in self._parts("input", x))
+            x = _total(self._values("input", x))
             return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return F.layer_norm(self._q("input", x), self.normalized_shape, self.weight, self.bias, self.eps)
 

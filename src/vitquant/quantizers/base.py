@@ -128,7 +128,8 @@ class Quantizer(nn.Module):
         quantizer, one per range for two-range ones (each then feeds its own integer matmul and
         the results are added). ``factor`` (None = 1) is a per-group step factored out of the
         QDQ so that the integer matmul sees one scale per tensor; it is applied after the matmul.
-        ONNX export only."""
+        A part may carry a third entry, per-group zero points of its codes (``(part - zero) *
+        factor``, :func:`qdq_affine_groups`). ONNX export only."""
         raise NotImplementedError(f"{type(self).__name__} cannot be exported to ONNX")
 
     def spec(self) -> dict:
@@ -255,18 +256,20 @@ def qdq_affine(x: torch.Tensor, scale: torch.Tensor, zero: float, qmin: int, qma
 
 
 def qdq_affine_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_dim: int, qmin: int,
-                      qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`qdq_affine` with a step ``s_g`` and zero point ``z_g`` per group (e.g. per head) as an
-    ``(part, factor)`` pair: ``part = QDQ(x / s_g + z_g; step 1, zero 0) - z_g`` (uint8 codes of one
-    per-tensor QDQ), ``factor = s_g``. The subtraction sits between the DequantizeLinear and the
-    consuming matmul, which therefore runs in float (ONNX Runtime's integer matmul takes per-tensor
-    zero points only). Equal to the fake quantizer up to ties: ``round(u + z)`` vs ``round(u) + z``."""
+                      qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`qdq_affine` with a step ``s_g`` and zero point ``z_g`` per group (e.g. per head) as a
+    ``(codes, factor, zero)`` triple: ``codes = QDQ(x / s_g + z_g; step 1, zero 0)`` (uint8 codes of
+    one per-tensor QDQ), ``factor = s_g``, ``zero = z_g``, the value ``(codes - z_g) s_g``. ONNX
+    Runtime's integer matmul takes per-tensor zero points only, so a matmul consumer expands the
+    zero points around the codes' integer matmul (``nn.modules._zero_point_matmul``); any other
+    consumer subtracts them and runs in float. Equal to the fake quantizer up to ties:
+    ``round(u + z)`` vs ``round(u) + z``."""
     z = torch.tensor(zero.detach().reshape(-1).tolist(), dtype=torch.float32)
     if bool((z < 0).any() or (z > 255).any()) or qmin < 0 or qmax > 255:
         raise ValueError("an asymmetric quantizer with zero points outside [0, 255] cannot be exported to ONNX")
     s, zb = broadcast_groups(_constant(scale), x, group_dim), broadcast_groups(z, x, group_dim)
     u = (x / s + zb).clamp(float(qmin), float(qmax))
-    return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, 255) - zb, s
+    return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, 255), s, zb
 
 
 def qdq_part(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, qmax: int,

@@ -105,7 +105,7 @@ class UniformQuantizer(Quantizer):
 
     def export_parts(self, x):
         if not self.symmetric:
-            if self.groups != 1:  # e.g. per head: the consuming matmul stays float
+            if self.groups != 1:  # e.g. per head: codes, steps and zero points (a triple)
                 return [qdq_affine_groups(x, self.scale, self.zero_points(), self.group_dim, self.qmin, self.qmax)]
             return [(qdq_affine(x, self.scale, float(self.zero_points()[0]), self.qmin, self.qmax), None)]
         return [qdq_part(x, self.scale, self.group_dim, self.qmin, self.qmax)]
