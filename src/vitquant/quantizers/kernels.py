@@ -92,10 +92,15 @@ def two_scale(x: torch.Tensor, s_fine: torch.Tensor, s_coarse: torch.Tensor, qmi
     return torch.where(in_fine, fine.mul_(s_fine), coarse.mul_(s_coarse))
 
 
+def _log_exponent(x: torch.Tensor, s: torch.Tensor, per_octave: float) -> torch.Tensor:
+    """``round(-k log2(x / s))``, unclamped: the one chain :func:`log_codes` and :func:`log_state` share."""
+    return (x / s).log2().mul_(-per_octave).round_()
+
+
 def log_codes(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float):
     """Log-domain codes ``clamp(round(-k log2(x / s)), 0, levels - 1)`` and the values that flush to
     0 (below the smallest level, or ``x <= 0``); RepQ-ViT Sec. 4.2."""
-    q = (x / s).log2().mul_(-per_octave).round_()
+    q = _log_exponent(x, s, per_octave)
     flush = ~(q < levels)  # also NaN / inf from x <= 0
     return q.nan_to_num_(0.0).clamp_min_(0).clamp_max_(levels - 1), flush
 
@@ -103,7 +108,7 @@ def log_codes(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float
 def log_state(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float) -> torch.Tensor:
     """:func:`log_codes` as one state per element, the flushed ones ``levels`` (ONNX export, which
     reads each state's value from a table): the same ops, one clamp. ``x >= 0`` (post-softmax)."""
-    return (x / s).log2().mul_(-per_octave).round_().clamp_(0.0, levels)
+    return _log_exponent(x, s, per_octave).clamp_(0.0, levels)
 
 
 SQRT2_M1 = 0.41421356237309515  # sqrt(2) - 1
@@ -124,11 +129,16 @@ def log_quant(x: torch.Tensor, s: torch.Tensor, per_octave: float, levels: float
     return torch.where(flush, torch.zeros_like(v), v)
 
 
+def _adalog_exponent(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float) -> torch.Tensor:
+    """``round(-log2((x + shift) / s) r / q)`` of the range-clamped input, unclamped: the one chain
+    :func:`adalog_codes` and :func:`adalog_state` share."""
+    return ((x + shift) / s).clamp_(1e-15, 1.0).log2_().mul_(-r).div_(q).round_()
+
+
 def adalog_codes(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, levels: float):
     """AdaLog codes ``clamp(round(-log2((x + shift) / s) r / q), 0, levels - 1)`` (base ``2^(q/r)``)
     of the shifted, range-clamped input, and the values that flush to the bottom (AdaLog, Eq. 4)."""
-    y = ((x + shift) / s).clamp_(1e-15, 1.0)
-    c = y.log2_().mul_(-r).div_(q).round_()
+    c = _adalog_exponent(x, s, q, shift, r)
     flush = ~(c < levels)
     return c.clamp_(0.0, levels - 1), flush
 
@@ -137,8 +147,7 @@ def adalog_state(x: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float
                  levels: float) -> torch.Tensor:
     """:func:`adalog_codes` as one state per element, the flushed ones ``levels`` (ONNX export, which
     reads each state's value from a table): the same ops, one clamp."""
-    y = ((x + shift) / s).clamp_(1e-15, 1.0)
-    return y.log2_().mul_(-r).div_(q).round_().clamp_(0.0, levels)
+    return _adalog_exponent(x, s, q, shift, r).clamp_(0.0, levels)
 
 
 def adalog_value(c: torch.Tensor, s: torch.Tensor, q: torch.Tensor, shift: float, r: float, k: float) -> torch.Tensor:
