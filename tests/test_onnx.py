@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -278,6 +279,47 @@ def test_exact_int8_storage_is_exact_on_an_avx2_only_cpu(tmp_path):
     assert diff[str(tmp_path / "exact.onnx")] < 1e-5
     assert diff[str(tmp_path / "fast.onnx")] > 1e-3  # the emulated CPU really lacks VNNI
 
+def _weight_dequantize(path):
+    """Each weight DequantizeLinear of an ONNX file whose zero point is a per-channel tensor:
+    name -> (code dtype, codes - zero as int32, scales, whether any zero point is nonzero)."""
+    from onnx import numpy_helper
+    m = onnx.load(str(path))
+    const = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in const or len(n.input) < 3:
+            continue
+        codes, scale, zero = const[n.input[0]], const[n.input[1]], const[n.input[2]]
+        if codes.ndim < 2 or zero.ndim != 1:
+            continue
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        out[n.output[0]] = (codes.dtype, codes.astype(np.int32) - zero.astype(np.int32).reshape(shape), scale,
+                            bool((zero != 0).any()))
+    return out
+
+
+def _ops_until(path, op_name, stop):
+    """The op types ONNX Runtime runs (optimised graph) from the integer matmul of the first block's
+    ``op_name`` to the first ``stop`` node along its consumers (sorted)."""
+    from vitquant.export.onnx import session
+    opt = str(path) + ".opt.onnx"
+    session(path, optimized_path=opt)
+    nodes = list(onnx.load(opt).graph.node)
+    start = next(n for n in nodes if n.op_type in ("MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul")
+                 and f"blocks.0/attn/{op_name}/" in n.name)
+    seen, frontier = [], list(start.output)
+    while frontier:
+        consumers = [n for n in nodes if frontier[0] in n.input]
+        frontier = frontier[1:]
+        for n in consumers:
+            if n.op_type == stop:
+                return sorted(seen)
+            seen.append(n.op_type)
+            frontier += list(n.output)
+    raise AssertionError(f"no {stop} after {op_name}")
+
 
 def test_uniform_families_make_the_flagship_run_integer_kernels(tmp_path):
     """``--softmax-quantizer uniform --gelu-quantizer uniform`` (``recipes.activation_quantizer``) on
@@ -300,6 +342,22 @@ def test_uniform_families_make_the_flagship_run_integer_kernels(tmp_path):
                 expect = model(x)
             got = OrtModel(tmp_path / f"{name}.onnx")(x)
             torch.testing.assert_close(got, expect, rtol=1e-2, atol=1e-2 * float(expect.abs().max()))
+            # --int8 fast: AdaLog's asymmetric weights become int8 codes - 128 with zero points - 128
+            # (u8 x s8 kernels), the same values as the uint8 file's
+            fast = export_onnx(model, tmp_path / "fast.onnx", int8="fast")
+            assert fast["check"]["ok"] and integer_kernels(tmp_path / "fast.onnx", model)["accelerated"]
+            weights = {n: _weight_dequantize(tmp_path / f"{f}.onnx") for n, f in (("exact", name), ("fast", "fast"))}
+            assert weights["exact"].keys() == weights["fast"].keys() and weights["exact"]
+            for key, (dtype, levels, scale, shifted) in weights["fast"].items():
+                e_dtype, e_levels, e_scale, _ = weights["exact"][key]
+                assert dtype == np.int8 and e_dtype == np.uint8
+                np.testing.assert_array_equal(levels, e_levels)
+                np.testing.assert_array_equal(scale, e_scale)
+            assert any(shifted for *_, shifted in weights["fast"].values())  # asymmetric zero points kept
+            torch.testing.assert_close(OrtModel(tmp_path / "fast.onnx")(x), got, rtol=1e-5, atol=1e-5)
+            # q @ k^T with per-head zero points and steps: between the integer matmul and the softmax,
+            # two corrections and one multiplication (per-head steps and the attention scale together)
+            assert _ops_until(tmp_path / "fast.onnx", "matmul_qk", "Softmax") == ["Mul", "Sub", "Sub"]
     assert not runtimes["log"]["accelerated"] and runtimes["log"]["float_matmuls"] > 0
     assert runtimes["uniform"]["accelerated"] and runtimes["uniform"]["float_matmuls"] == 0
     with pytest.raises(ValueError, match="unknown post-gelu quantizer 'log2'"):

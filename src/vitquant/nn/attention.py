@@ -47,7 +47,7 @@ class QuantAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
         if is_causal:
             causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
             attn = attn.masked_fill(~causal, float("-inf"))
@@ -90,7 +90,7 @@ class QuantWindowAttention(nn.Module):
         B_, N, _ = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        attn = self.matmul_qk(q, k.transpose(-2, -1)) * self.scale
+        attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
         attn = attn + self._rel_pos_bias()
         if mask is not None:
             num_win = mask.shape[0]

@@ -34,16 +34,26 @@ def _scaled(t: torch.Tensor, *factors) -> torch.Tensor:
 def _zero_point_matmul(a: torch.Tensor, za: Optional[torch.Tensor], b: torch.Tensor,
                        zb: Optional[torch.Tensor]) -> torch.Tensor:
     """``(A - z_a) @ (B - z_b)`` for integer codes ``A [.., M, K]``, ``B [.., K, N]`` and zero points
-    that broadcast over the matrices (one per head): ``A @ B - z_a 1 B - A 1 z_b + K z_a z_b``.
-    The codes' own matmul keeps its QDQ inputs, so ONNX Runtime runs it as an integer kernel; the
-    row / column sums are cheap float reductions (exact: integers below 2^24 for 8-bit codes, K < 256)."""
+    that broadcast over the matrices (one per head): ``A @ B - z_a (1 B - K z_b) - (A 1) z_b``, the
+    corrections formed at row / column size, so two passes over the output. The codes' own matmul
+    keeps its QDQ inputs, so ONNX Runtime runs it as an integer kernel; the sums are exact float
+    integers (below 2^24 for 8-bit codes and K <= 256)."""
     out = torch.matmul(a, b)
     if za is not None:
-        out = out - za * b.sum(-2, keepdim=True)
+        cols = b.sum(-2, keepdim=True)
+        out = out - za * (cols if zb is None else cols - zb * a.shape[-1])
     if zb is not None:
         out = out - a.sum(-1, keepdim=True) * zb
-    if za is not None and zb is not None:
-        out = out + za * zb * a.shape[-1]
+    return out
+
+
+def _factor(*factors) -> Optional[torch.Tensor]:
+    """The product of the factors that are not None (None if all are): one pass over a matmul's
+    output for its per-head steps and any output scale."""
+    out = None
+    for f in factors:
+        if f is not None:
+            out = f if out is None else out * f
     return out
 
 
@@ -56,8 +66,10 @@ class _ExportWeight:
 
 
 class _DequantizedWeight(torch.autograd.Function):
-    """``(codes - zero) * steps`` in PyTorch; ``DequantizeLinear(8-bit codes, steps, zero, axis)`` in ONNX
-    (asymmetric weights: uint8 codes and per-channel zero points)."""
+    """``(codes - zero) * steps`` in PyTorch; ``DequantizeLinear(8-bit codes, steps, zero, axis)`` in ONNX.
+    Asymmetric weights: uint8 codes and per-channel zero points, or with ``--int8 fast`` both shifted by
+    -128 into int8 (the same values; ONNX Runtime's u8 x u8 kernel with per-column zero points ran no
+    faster than the FP32 matmul, README "Deploy")."""
 
     @staticmethod
     def forward(ctx, anchor, w: _ExportWeight):
@@ -69,8 +81,10 @@ class _DequantizedWeight(torch.autograd.Function):
     @staticmethod
     def symbolic(g, anchor, w: _ExportWeight):
         from ..quantizers.base import EXPORT_STORAGE
-        if w.zero is not None:  # asymmetric: codes in [0, 2^b - 1], zero points in [0, 255]
+        if w.zero is not None and EXPORT_STORAGE["mode"] == "exact":  # asymmetric: uint8 codes and zero points
             codes, zero = w.codes.to(torch.uint8), w.zero.to(torch.uint8)
+        elif w.zero is not None:  # the same values as int8 codes - 128 and zero points - 128: u8 x s8 kernels
+            codes, zero = (w.codes.to(torch.int16) - 128).to(torch.int8), (w.zero.to(torch.int16) - 128).to(torch.int8)
         elif EXPORT_STORAGE["mode"] == "exact":  # uint8 code + 128 (see EXPORT_STORAGE)
             codes, zero = (w.codes.to(torch.int16) + 128).to(torch.uint8), torch.full(w.steps.shape, 128, dtype=torch.uint8)
         else:
@@ -329,12 +343,31 @@ class QuantMatMul(QuantOp):
         self.a_quantizer: Optional[Quantizer] = None
         self.b_quantizer: Optional[Quantizer] = None
 
-    def forward(self, a, b):
-        if self.exporting:  # two-range operands: one integer matmul per pair of parts
-            # per-head steps factor out of each head's matmul: (A'/s_a)(B'/s_b) s_a s_b
-            return _total(_scaled(_zero_point_matmul(pa, za, pb, zb), fa, fb)
-                          for pa, fa, za in self._parts("a", a) for pb, fb, zb in self._parts("b", b))
+    def forward(self, a, b, export_scale: Optional[float] = None):
+        if self.exporting:
+            return self._export_matmul(a, b, export_scale)
+        if export_scale is not None:
+            raise ValueError("export_scale is for ONNX export only; use QuantMatMul.scaled")
         return torch.matmul(self._q("a", a), self._q("b", b))
+
+    def scaled(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """``self(a, b) * scale`` (attention's ``(q @ k^T) * scale``; calibration sees the matmul's own
+        output); in ONNX export the scale joins the per-head steps' product, one multiplication over
+        the scores instead of three."""
+        if self.exporting:
+            return self(a, b, export_scale=scale)
+        return self(a, b) * scale
+
+    def _export_matmul(self, a, b, scale: Optional[float] = None) -> torch.Tensor:
+        """One integer matmul per pair of parts (two-range operands have two); per-head steps factor
+        out of each head's matmul, ``(A'/s_a)(B'/s_b) s_a s_b``, applied with the output scale at once."""
+        pairs = [(pa, za, pb, zb, _factor(fa, fb)) for pa, fa, za in self._parts("a", a)
+                 for pb, fb, zb in self._parts("b", b)]
+        if scale is None or all(f is None for *_, f in pairs):
+            out = _total(_scaled(_zero_point_matmul(pa, za, pb, zb), f) for pa, za, pb, zb, f in pairs)
+            return out if scale is None else out * scale
+        return _total(_scaled(_zero_point_matmul(pa, za, pb, zb), scale if f is None else f * scale)
+                      for pa, za, pb, zb, f in pairs)
 
     def output_group_dim(self, operand):
         q = self.quantizer(operand)

@@ -262,12 +262,15 @@ def qdq_affine_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     one per-tensor QDQ), ``factor = s_g``, ``zero = z_g``, the value ``(codes - z_g) s_g``. ONNX
     Runtime's integer matmul takes per-tensor zero points only, so a matmul consumer expands the
     zero points around the codes' integer matmul (``nn.modules._zero_point_matmul``); any other
-    consumer subtracts them and runs in float. Equal to the fake quantizer up to ties:
-    ``round(u + z)`` vs ``round(u) + z``."""
+    consumer subtracts them and runs in float (``zero`` None when every zero point is 0). Equal to
+    the fake quantizer up to ties: ``round(u + z)`` vs ``round(u) + z``."""
     z = torch.tensor(zero.detach().reshape(-1).tolist(), dtype=torch.float32)
     if bool((z < 0).any() or (z > 255).any()) or qmin < 0 or qmax > 255:
         raise ValueError("an asymmetric quantizer with zero points outside [0, 255] cannot be exported to ONNX")
-    s, zb = broadcast_groups(_constant(scale), x, group_dim), broadcast_groups(z, x, group_dim)
+    s = broadcast_groups(_constant(scale), x, group_dim)
+    if not bool(z.any()):  # all zero points 0: plain unsigned codes, nothing to add or expand
+        return torch.fake_quantize_per_tensor_affine((x / s).clamp(float(qmin), float(qmax)), 1.0, 0, 0, 255), s, None
+    zb = broadcast_groups(z, x, group_dim)
     u = (x / s + zb).clamp(float(qmin), float(qmax))
     return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, 255), s, zb
 
