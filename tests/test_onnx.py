@@ -122,6 +122,12 @@ def test_cli_save_export_eval_bench(sample_dir, tmp_path, capsys):
     (row,) = json.loads((tmp_path / "b2.json").read_text())
     assert row["model"] == "deit_tiny_patch16_224" and row["saved"] is None and row["accelerated"] is True
     assert row["quantized_here"]["method"] == "minmax" and "synthetic" in row["quantized_here"]["calib_data"]
+    # --softmax-quantizer on a model name: log2 codes after the softmax leave attn @ v without integer kernel
+    assert main(["bench", "deit_tiny_patch16_224", "--random-init", "--img-size", "32", "--method", "minmax",
+                 "--softmax-quantizer", "log2", "--batch-sizes", "2", "--repeats", "1", "--warmup", "1", "--quiet",
+                 "--runtime", "onnxruntime", "--json", str(tmp_path / "b3.json")]) == 0
+    (row,) = json.loads((tmp_path / "b3.json").read_text())
+    assert row["quantized_here"]["config"]["softmax_log"] == "log2" and row["accelerated"] is False
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "missing.onnx"), *evalargs]) == 2
     assert "ONNX file not found" in capsys.readouterr().err

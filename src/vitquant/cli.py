@@ -428,7 +428,7 @@ def _bench_model(args):
 
     from .api import quantize
     from .models import data_config_for, load_model
-    from .recipes import get_recipe
+    from .recipes import activation_quantizer, get_recipe
     if args.checkpoint and args.random_init:
         raise VitquantError("--checkpoint and --random-init exclude each other")
     model, info = load_model(args.saved, args.checkpoint, pretrained=not args.random_init, img_size=args.img_size)
@@ -447,6 +447,9 @@ def _bench_model(args):
         source = {"synthetic": f"{args.num_calib} seeded Gaussian images (timing only)"}
     try:
         cfg = get_recipe(args.method, args.w_bits, args.a_bits)
+        for act in ("softmax", "gelu"):
+            if (family := getattr(args, f"{act}_quantizer")) is not None:
+                cfg = cfg.replace(**activation_quantizer(act, family))
         model, _ = quantize(model, images, cfg, progress=not args.quiet)
     except ValueError as e:
         raise VitquantError(str(e)) from None

@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--calib-data", help="calibration image folder (default: seeded Gaussian images)")
     bq.add_argument("--calib-list", help="file naming the calibration images")
     bq.add_argument("--num-calib", type=_positive_int, default=8, help="calibration images (default 8)")
+    bq.add_argument("--softmax-quantizer", choices=list(ACTIVATION_QUANTIZERS["softmax"]),
+                    help="post-softmax quantizer family instead of the recipe's (uniform: integer kernels)")
+    bq.add_argument("--gelu-quantizer", choices=list(ACTIVATION_QUANTIZERS["gelu"]),
+                    help="post-GELU quantizer family instead of the recipe's (uniform: integer kernels)")
     bq.add_argument("--quiet", action="store_true")
     b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
     b.add_argument("--warmup", type=_positive_int, default=3, help="untimed runs per batch size and runtime")
