@@ -90,15 +90,16 @@ def accuracy(args, doc) -> None:
         if openvino_version() is not None:  # the second runtime, on the same file
             ov = predict_top5(OpenVinoModel(f"{tmp}/q.onnx", args.threads), evalset, progress=True, desc="OpenVINO INT8")
         sim64 = predict_top5(_Float64(loaded), evalset, progress=True, desc="simulated in float64")
-        # the tool a user would pick instead: ONNX Runtime's quantize_static on the FP32 export, same images
+        # the tool a user would pick instead: ONNX Runtime's quantize_static on the FP32 export, same images.
+        # FP32 from the in-memory model: a loaded checkpoint holds the dequantized codes, not the FP weights
         from vitquant import quantization_disabled
         from vitquant.export.ort_static import ort_quantize_static
-        export_onnx(loaded, f"{tmp}/fp32.onnx", fp32=True, verify=False)
+        export_onnx(model, f"{tmp}/fp32.onnx", fp32=True, verify=False)
         static_cfg = ort_quantize_static(f"{tmp}/fp32.onnx", f"{tmp}/static.onnx", calib.tensors())
         static = predict_top5(OrtModel(f"{tmp}/static.onnx", args.threads), evalset, progress=True,
                               desc="ONNX Runtime quantize_static")
-        with quantization_disabled(loaded):
-            fp = predict_top5(loaded, evalset, progress=True, desc="FP32")
+        with quantization_disabled(model):
+            fp = predict_top5(model, evalset, progress=True, desc="FP32")
         parting = divergence(loaded, evalset.tensors()[:args.divergence_images], tmp, args.threads) \
             if args.divergence_images else []
     sim1, ort1 = topk_accuracy(sim.top5, evalset.labels)[0], topk_accuracy(ort.top5, evalset.labels)[0]
