@@ -16,20 +16,29 @@ from .errors import VitquantError
 from .options import build_parser  # noqa: F401  (also vitquant.cli.build_parser)
 
 
+def _activation_families(args) -> dict:
+    """The config overrides of ``--softmax-quantizer`` / ``--gelu-quantizer`` (``recipes.activation_quantizer``)."""
+    from .recipes import activation_quantizer
+    out = {}
+    for act in ("softmax", "gelu"):
+        if (family := getattr(args, f"{act}_quantizer")) is not None:
+            out |= activation_quantizer(act, family)
+    return out
+
+
 def _config_from_args(args):
     from .calibration.engine import MemoryBudget
     from .calibration.objectives import RankingPearson
-    from .recipes import MixedPrecisionConfig, activation_quantizer, get_recipe
+    from .recipes import MixedPrecisionConfig, get_recipe
     # V-2SF and twin uniform exclude each other: asking for one turns the other off unless both are given;
     # --softmax-quantizer / --gelu-quantizer name the family outright
-    twin_v2sf, families = {}, {}
+    twin_v2sf, families = {}, _activation_families(args)  # applied after the recipe (they set fields to None)
     for act in ("softmax", "gelu"):
         twin, v2sf, family = (getattr(args, f"{act}_{k}") for k in ("twin", "v2sf", "quantizer"))
         if family is not None:
             if twin is not None or v2sf is not None:
                 raise VitquantError(f"--{act}-quantizer names the post-{act} quantizer; drop --{act}-twin / "
                                     f"--{act}-v2sf")
-            families |= activation_quantizer(act, family)  # applied after the recipe (it sets fields to None)
             continue
         if twin and v2sf:
             raise VitquantError(f"--{act}-twin on and --{act}-v2sf on exclude each other; give one")
@@ -428,7 +437,7 @@ def _bench_model(args):
 
     from .api import quantize
     from .models import data_config_for, load_model
-    from .recipes import activation_quantizer, get_recipe
+    from .recipes import get_recipe
     if args.checkpoint and args.random_init:
         raise VitquantError("--checkpoint and --random-init exclude each other")
     model, info = load_model(args.saved, args.checkpoint, pretrained=not args.random_init, img_size=args.img_size)
@@ -447,9 +456,8 @@ def _bench_model(args):
         source = {"synthetic": f"{args.num_calib} seeded Gaussian images (timing only)"}
     try:
         cfg = get_recipe(args.method, args.w_bits, args.a_bits)
-        for act in ("softmax", "gelu"):
-            if (family := getattr(args, f"{act}_quantizer")) is not None:
-                cfg = cfg.replace(**activation_quantizer(act, family))
+        if families := _activation_families(args):
+            cfg = cfg.replace(**families)
         model, _ = quantize(model, images, cfg, progress=not args.quiet)
     except ValueError as e:
         raise VitquantError(str(e)) from None

@@ -43,6 +43,14 @@ def _on_off(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on/off, got {v!r}")
 
 
+def _add_activation_families(group) -> None:
+    """``--softmax-quantizer`` / ``--gelu-quantizer`` (``recipes.ACTIVATION_QUANTIZERS``), for quantize and bench."""
+    from .recipes import ACTIVATION_QUANTIZERS
+    for site, name in (("softmax", "softmax"), ("gelu", "GELU")):
+        group.add_argument(f"--{site}-quantizer", choices=list(ACTIVATION_QUANTIZERS[site]),
+                           help=f"post-{name} quantizer family instead of the recipe's (uniform: integer kernels)")
+
+
 def _bit_list(v: str) -> tuple[int, ...]:
     try:
         bits = tuple(_bits(b.strip()) for b in v.split(",") if b.strip())
@@ -59,7 +67,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .recipes import ACTIVATION_QUANTIZERS, RECIPES
+    from .recipes import RECIPES
     p = _Parser(prog="vitquant", description="Post-training quantization of vision transformers.")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
@@ -89,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hessian-guided objective (off: cosine distance)")
     a.add_argument("--softmax-twin", type=_on_off, metavar="on|off", help="twin uniform for post-softmax")
     a.add_argument("--gelu-twin", type=_on_off, metavar="on|off", help="twin uniform for post-GELU")
-    a.add_argument("--softmax-quantizer", choices=list(ACTIVATION_QUANTIZERS["softmax"]),
-                   help="post-softmax quantizer family instead of the recipe's (uniform: integer kernels)")
-    a.add_argument("--gelu-quantizer", choices=list(ACTIVATION_QUANTIZERS["gelu"]),
-                   help="post-GELU quantizer family instead of the recipe's (uniform: integer kernels)")
+    _add_activation_families(a)
     a.add_argument("--objective", choices=["mse", "cosine", "pearson", "hessian"], help="search objective")
     a.add_argument("--search-rounds", type=_positive_int, help="alternating search rounds")
     a.add_argument("--num-candidates", type=_positive_int, help="candidates per search")
@@ -236,10 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     bq.add_argument("--calib-data", help="calibration image folder (default: seeded Gaussian images)")
     bq.add_argument("--calib-list", help="file naming the calibration images")
     bq.add_argument("--num-calib", type=_positive_int, default=8, help="calibration images (default 8)")
-    bq.add_argument("--softmax-quantizer", choices=list(ACTIVATION_QUANTIZERS["softmax"]),
-                    help="post-softmax quantizer family instead of the recipe's (uniform: integer kernels)")
-    bq.add_argument("--gelu-quantizer", choices=list(ACTIVATION_QUANTIZERS["gelu"]),
-                    help="post-GELU quantizer family instead of the recipe's (uniform: integer kernels)")
+    _add_activation_families(bq)
     bq.add_argument("--quiet", action="store_true")
     b.add_argument("--batch-sizes", type=_positive_int, nargs="+", default=[1, 32])
     b.add_argument("--warmup", type=_positive_int, default=3, help="untimed runs per batch size and runtime")

@@ -25,10 +25,9 @@ def _total(parts) -> torch.Tensor:
 
 
 def _scaled(t: torch.Tensor, *factors) -> torch.Tensor:
-    for f in factors:
-        if f is not None:
-            t = t * f
-    return t
+    """``t`` times the product of the factors that are not None (:func:`_factor`), one multiplication."""
+    f = _factor(*factors)
+    return t if f is None else t * f
 
 
 def _zero_point_matmul(a: torch.Tensor, za: Optional[torch.Tensor], b: torch.Tensor,
@@ -363,11 +362,10 @@ class QuantMatMul(QuantOp):
         out of each head's matmul, ``(A'/s_a)(B'/s_b) s_a s_b``, applied with the output scale at once."""
         pairs = [(pa, za, pb, zb, _factor(fa, fb)) for pa, fa, za in self._parts("a", a)
                  for pb, fb, zb in self._parts("b", b)]
-        if scale is None or all(f is None for *_, f in pairs):
-            out = _total(_scaled(_zero_point_matmul(pa, za, pb, zb), f) for pa, za, pb, zb, f in pairs)
-            return out if scale is None else out * scale
-        return _total(_scaled(_zero_point_matmul(pa, za, pb, zb), scale if f is None else f * scale)
-                      for pa, za, pb, zb, f in pairs)
+        fold = scale is not None and any(f is not None for *_, f in pairs)  # else one Mul after the sum
+        out = _total(_scaled(_zero_point_matmul(pa, za, pb, zb), f, scale if fold else None)
+                     for pa, za, pb, zb, f in pairs)
+        return out if fold or scale is None else out * scale
 
     def output_group_dim(self, operand):
         q = self.quantizer(operand)

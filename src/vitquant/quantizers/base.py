@@ -268,10 +268,8 @@ def qdq_affine_groups(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     if bool((z < 0).any() or (z > 255).any()) or qmin < 0 or qmax > 255:
         raise ValueError("an asymmetric quantizer with zero points outside [0, 255] cannot be exported to ONNX")
     s = broadcast_groups(_constant(scale), x, group_dim)
-    if not bool(z.any()):  # all zero points 0: plain unsigned codes, nothing to add or expand
-        return torch.fake_quantize_per_tensor_affine((x / s).clamp(float(qmin), float(qmax)), 1.0, 0, 0, 255), s, None
-    zb = broadcast_groups(z, x, group_dim)
-    u = (x / s + zb).clamp(float(qmin), float(qmax))
+    zb = broadcast_groups(z, x, group_dim) if bool(z.any()) else None  # all 0: nothing to add or expand
+    u = (x / s if zb is None else x / s + zb).clamp(float(qmin), float(qmax))
     return torch.fake_quantize_per_tensor_affine(u, 1.0, 0, 0, 255), s, zb
 
 
