@@ -2,6 +2,7 @@
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -327,6 +328,15 @@ def _ops_until(path, op_name, stop):
     raise AssertionError(f"no {stop} after {op_name}")
 
 
+def _integer_matmuls(path, scope):
+    """Integer matmul kernels ONNX Runtime runs in ``scope`` (and its numbered repeat calls)."""
+    from vitquant.export.onnx import session
+    opt = str(path) + ".opt.onnx"
+    session(path, optimized_path=opt)
+    return sum(1 for n in onnx.load(opt).graph.node if n.op_type == "MatMulIntegerToFloat"
+               and (f"{scope}/" in n.name or re.search(re.escape(scope) + r"_\d+/", n.name)))
+
+
 def test_uniform_families_make_the_flagship_run_integer_kernels(tmp_path):
     """``--softmax-quantizer uniform --gelu-quantizer uniform`` (``recipes.activation_quantizer``) on
     vitq: every quantized Linear and matmul then runs an integer kernel in ONNX Runtime (the
@@ -361,9 +371,14 @@ def test_uniform_families_make_the_flagship_run_integer_kernels(tmp_path):
                 np.testing.assert_array_equal(scale, e_scale)
             assert any(shifted for *_, shifted in weights["fast"].values())  # asymmetric zero points kept
             torch.testing.assert_close(OrtModel(tmp_path / "fast.onnx")(x), got, rtol=1e-5, atol=1e-5)
-            # q @ k^T with per-head zero points and steps: between the integer matmul and the softmax,
-            # two corrections and one multiplication (per-head steps and the attention scale together)
-            assert _ops_until(tmp_path / "fast.onnx", "matmul_qk", "Softmax") == ["Mul", "Sub", "Sub"]
+            # q @ k^T with per-head zero points and steps is exported one head at a time, each head's
+            # steps and zero points per tensor inside the integer kernel: between it and the softmax
+            # only the attention scale (the batched form had two corrections and a Mul here, and a
+            # Div and an Add before every QDQ)
+            assert _ops_until(tmp_path / "fast.onnx", "matmul_qk", "Softmax") == ["Mul"]
+            heads = model.blocks[0].attn.num_heads
+            for role in ("matmul_qk", "matmul_av"):
+                assert _integer_matmuls(tmp_path / "fast.onnx", f"blocks.0/attn/{role}") == heads
     assert not runtimes["log"]["accelerated"] and runtimes["log"]["float_matmuls"] > 0
     assert runtimes["uniform"]["accelerated"] and runtimes["uniform"]["float_matmuls"] == 0
     with pytest.raises(ValueError, match="unknown post-gelu quantizer 'log2'"):

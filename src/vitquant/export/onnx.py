@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 import warnings
 from collections import Counter
@@ -170,10 +171,14 @@ def integer_kernels(path: str | os.PathLike, model: Optional[nn.Module] = None) 
               "accelerated": bool(integer)}
     if model is None:
         return result
+    names = {name for name, _ in quant_ops(model)}
     kernels: dict[str, set] = {}
     for n in nodes:
         if n.op_type in INTEGER_OPS or n.op_type in FLOAT_MATMULS or n.op_type in ("Conv", "FusedConv"):
-            kernels.setdefault(_module_path(n.name), set()).add("integer" if n.op_type in INTEGER_OPS else "float")
+            path = _module_path(n.name)
+            if path not in names:  # an op called once per head: the exporter numbers the calls' scopes
+                path = re.sub(r"_\d+$", "", path)
+            kernels.setdefault(path, set()).add("integer" if n.op_type in INTEGER_OPS else "float")
     from ..nn.modules import QuantConv2d
     per_op, by_quantizer, matmuls = {}, {}, []
     for name, op in quant_ops(model, active=True):

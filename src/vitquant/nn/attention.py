@@ -14,6 +14,30 @@ from torch import nn
 from .modules import QuantLinear, QuantMatMul
 
 
+def _per_head_export(attn: nn.Module) -> bool:
+    """ONNX export one head at a time: when a matmul operand has per-head steps or zero points, each
+    head's ``q_h @ k_h^T`` and ``attn_h @ v_h`` is an integer matmul with per-tensor parameters, which
+    ONNX Runtime applies inside the kernel; the batched form needs a division (and zero-point add)
+    before every QDQ and corrections plus a multiplication over the scores after each matmul."""
+    ops = (attn.matmul_qk, attn.matmul_av)
+    return (all(op.exporting for op in ops) and any(op.has_group_operands() for op in ops)
+            and all(q.groups in (1, attn.num_heads) for op in ops for q in op.quantizers().values()))
+
+
+def _heads(attn: nn.Module, qkv: torch.Tensor, scores) -> torch.Tensor:
+    """Attention from the ``[B, N, 3 * heads * d]`` qkv output, one head at a time (ONNX export,
+    :func:`_per_head_export`): ``scores(h, s)`` adds head ``h``'s biases and masks to its scores.
+    Returns ``[B, N, heads * d]``, the heads' outputs side by side as the batched form's reshape."""
+    H = attn.num_heads
+    cols = qkv.split(qkv.shape[-1] // (3 * H), dim=-1)  # q_0 .. q_{H-1}, k_0 .., v_0 .. (timm's layout)
+    out = []
+    for h in range(H):
+        q, k = getattr(attn, "q_norm", nn.Identity())(cols[h]), getattr(attn, "k_norm", nn.Identity())(cols[H + h])
+        s = scores(h, attn.matmul_qk.scaled(q, k.transpose(-2, -1), attn.scale, head=h))
+        out.append(attn.matmul_av(attn.attn_drop(s.softmax(dim=-1)), cols[2 * H + h], head=h))
+    return torch.cat(out, dim=-1)
+
+
 def _check_supported(module: nn.Module, name: str) -> None:
     if getattr(module, "attn_drop", None) is not None and module.attn_drop.p and module.training:
         raise ValueError(f"{name}: attention dropout in training mode is not supported")
@@ -44,18 +68,20 @@ class QuantAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
-        if is_causal:
-            causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
-            attn = attn.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            attn = attn + attn_mask if attn_mask.dtype != torch.bool else attn.masked_fill(~attn_mask, float("-inf"))
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = self.matmul_av(attn, v)
-        x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        qkv = self.qkv(x)
+        if _per_head_export(self) and attn_mask is None and not is_causal:
+            x = _heads(self, qkv, lambda h, s: s)
+        else:
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
+            if is_causal:
+                causal = torch.ones(N, N, dtype=torch.bool, device=x.device).tril()
+                attn = attn.masked_fill(~causal, float("-inf"))
+            if attn_mask is not None:
+                attn = attn + attn_mask if attn_mask.dtype != torch.bool else attn.masked_fill(~attn_mask, float("-inf"))
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = self.matmul_av(attn, v).transpose(1, 2).reshape(B, N, self.attn_dim)
         x = self.norm(x)
         if gate is not None:
             x = x * gate
@@ -88,8 +114,17 @@ class QuantWindowAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, _ = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        qkv = self.qkv(x)
+        if _per_head_export(self):
+            bias = self._rel_pos_bias()
+
+            def scores(h, s):
+                s = s + bias[:, h]
+                if mask is not None:  # [windows, N, N], the same for every head
+                    s = (s.view(-1, mask.shape[0], N, N) + mask.unsqueeze(0)).view(-1, N, N)
+                return s
+            return self.proj_drop(self.proj(_heads(self, qkv, scores)))
+        q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
         attn = attn + self._rel_pos_bias()
         if mask is not None:

@@ -131,13 +131,18 @@ class QuantOp(nn.Module):
         """Whether quantizer ``q`` of this op acts now (present, enabled, calibrated, op on)."""
         return q is not None and self.quant_enabled and q.enabled and q.calibrated
 
-    def _parts(self, operand: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Optional[torch.Tensor],
-                                                                  Optional[torch.Tensor]]]:
+    def _parts(self, operand: str, x: torch.Tensor, group: Optional[int] = None
+               ) -> list[tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]]:
         """``x`` as QDQ-written ``(part, factor, zero)`` triples, ``sum((part - zero) * factor)`` its
         quantized value (ONNX export, see ``Quantizer.export_parts``; ``zero``: per-group zero points
-        of integer codes, else None)."""
+        of integer codes, else None). ``group``: ``x`` is that group's slice alone (one head), written
+        with that group's parameters (:meth:`Quantizer.group`)."""
         q = self.quantizer(operand)
-        parts = q.export_parts(x) if self._applies(q) else [(x, None)]
+        if not self._applies(q):
+            return [(x, None, None)]
+        if group is not None and q.groups > 1:
+            q = q.group(group)
+        parts = q.export_parts(x)
         return [p if len(p) == 3 else (*p, None) for p in parts]
 
     def _values(self, operand: str, x: torch.Tensor) -> list[torch.Tensor]:
@@ -342,26 +347,31 @@ class QuantMatMul(QuantOp):
         self.a_quantizer: Optional[Quantizer] = None
         self.b_quantizer: Optional[Quantizer] = None
 
-    def forward(self, a, b, export_scale: Optional[float] = None):
+    def forward(self, a, b, export_scale: Optional[float] = None, head: Optional[int] = None):
         if self.exporting:
-            return self._export_matmul(a, b, export_scale)
-        if export_scale is not None:
-            raise ValueError("export_scale is for ONNX export only; use QuantMatMul.scaled")
+            return self._export_matmul(a, b, export_scale, head)
+        if export_scale is not None or head is not None:
+            raise ValueError("export_scale and head are for ONNX export only; use QuantMatMul.scaled")
         return torch.matmul(self._q("a", a), self._q("b", b))
 
-    def scaled(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    def scaled(self, a: torch.Tensor, b: torch.Tensor, scale: float, head: Optional[int] = None) -> torch.Tensor:
         """``self(a, b) * scale`` (attention's ``(q @ k^T) * scale``; calibration sees the matmul's own
         output); in ONNX export the scale joins the per-head steps' product, one multiplication over
-        the scores instead of three."""
+        the scores instead of three. ``head``: export only, ``a`` and ``b`` are that head's alone."""
         if self.exporting:
-            return self(a, b, export_scale=scale)
+            return self(a, b, export_scale=scale, head=head)
         return self(a, b) * scale
 
-    def _export_matmul(self, a, b, scale: Optional[float] = None) -> torch.Tensor:
+    def has_group_operands(self) -> bool:
+        """Whether an active operand quantizer has one set of parameters per head."""
+        return any(self._applies(q) and q.groups > 1 for q in self.quantizers().values())
+
+    def _export_matmul(self, a, b, scale: Optional[float] = None, head: Optional[int] = None) -> torch.Tensor:
         """One integer matmul per pair of parts (two-range operands have two); per-head steps factor
-        out of each head's matmul, ``(A'/s_a)(B'/s_b) s_a s_b``, applied with the output scale at once."""
-        pairs = [(pa, za, pb, zb, _factor(fa, fb)) for pa, fa, za in self._parts("a", a)
-                 for pb, fb, zb in self._parts("b", b)]
+        out of each head's matmul, ``(A'/s_a)(B'/s_b) s_a s_b``, applied with the output scale at once.
+        For one ``head`` every step and zero point is per tensor, inside the integer kernel."""
+        pairs = [(pa, za, pb, zb, _factor(fa, fb)) for pa, fa, za in self._parts("a", a, head)
+                 for pb, fb, zb in self._parts("b", b, head)]
         fold = scale is not None and any(f is not None for *_, f in pairs)  # else one Mul after the sum
         out = _total(_scaled(_zero_point_matmul(pa, za, pb, zb), f, scale if fold else None)
                      for pa, za, pb, zb, f in pairs)

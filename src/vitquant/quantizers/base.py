@@ -132,6 +132,22 @@ class Quantizer(nn.Module):
         factor``, :func:`qdq_affine_groups`). ONNX export only."""
         raise NotImplementedError(f"{type(self).__name__} cannot be exported to ONNX")
 
+    def group(self, g: int) -> "Quantizer":
+        """Group ``g`` of this quantizer as a per-tensor quantizer of the same kind: what it does to
+        its slice of ``group_dim`` (ONNX export of one attention head; ``nn.attention``). Every
+        per-group buffer has the groups as its leading dimension."""
+        if not 0 <= g < self.groups:
+            raise IndexError(f"group {g} of a quantizer with {self.groups} groups")
+        out = type(self)(**(self.spec() | {"groups": 1, "group_dim": None}))
+        for name, buf in self.named_buffers(recurse=False):
+            if buf is None:
+                continue
+            if buf.dim() == 0 or buf.shape[0] != self.groups:
+                raise ValueError(f"{type(self).__name__}.{name} of shape {tuple(buf.shape)} is not per group")
+            setattr(out, name, buf[g:g + 1].clone())
+        out.enabled, out.calibrated = self.enabled, self.calibrated
+        return out
+
     def spec(self) -> dict:
         """Constructor arguments that rebuild this quantizer (saved checkpoints)."""
         return {"bits": self.bits, "groups": self.groups, "group_dim": self.group_dim}
@@ -245,13 +261,17 @@ def qdq(x: torch.Tensor, scale: torch.Tensor, group_dim: int | None, qmin: int, 
 
 def qdq_affine(x: torch.Tensor, scale: torch.Tensor, zero: float, qmin: int, qmax: int) -> torch.Tensor:
     """``(clamp(round(x / s) + z, qmin, qmax) - z) s`` (one step ``s``, zero point ``z``) as the ops
-    ONNX export maps to QuantizeLinear / DequantizeLinear with a uint8 zero point: ``x`` is first
-    clipped to the codes' range, so the uint8 codes ``round(x / s) + z`` stay in ``[qmin, qmax]``."""
+    ONNX export maps to QuantizeLinear / DequantizeLinear with a uint8 zero point (``--int8 fast``:
+    int8 codes and zero point, both shifted by -128, the same values): ``x`` is first clipped to the
+    codes' range, so the codes ``round(x / s) + z`` stay in ``[qmin, qmax]``."""
     s, z = float(_constant(scale)[0]), int(zero)
     if not 0 <= z <= 255 or qmin < 0 or qmax > 255:
         raise ValueError(f"an asymmetric quantizer with zero point {z} and codes [{qmin}, {qmax}] does not fit "
                          "uint8; it cannot be exported to ONNX")
-    x = x.clamp((qmin - z) * s, (qmax - z) * s)
+    if (qmin, qmax) != (0, 255):  # the full range is the QuantizeLinear's own saturation
+        x = x.clamp((qmin - z) * s, (qmax - z) * s)
+    if EXPORT_STORAGE["mode"] == "fast":  # the same codes - 128 as int8 (u8 x s8 / s8 x s8 kernels)
+        return torch.fake_quantize_per_tensor_affine(x, s, z - 128, -128, 127)
     return torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
 
 
