@@ -3,6 +3,8 @@
 They are built from timm's modules (sharing their parameters) and reproduce timm's
 non-fused attention math; ``tests/test_wrap.py`` checks them against timm's forward.
 In ``attn = (q @ k^T) * scale`` the operands q and k are quantized before scaling (PTQ4ViT).
+ONNX export of per-head quantizers runs one head at a time (:func:`_per_head_export`), the same
+arithmetic with every step and zero point per tensor, inside ONNX Runtime's integer kernels.
 """
 from __future__ import annotations
 
