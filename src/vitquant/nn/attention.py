@@ -32,9 +32,10 @@ def _heads(attn: nn.Module, qkv: torch.Tensor, scores) -> torch.Tensor:
     Returns ``[B, N, heads * d]``, the heads' outputs side by side as the batched form's reshape."""
     H = attn.num_heads
     cols = qkv.split(qkv.shape[-1] // (3 * H), dim=-1)  # q_0 .. q_{H-1}, k_0 .., v_0 .. (timm's layout)
+    q_norm, k_norm = getattr(attn, "q_norm", nn.Identity()), getattr(attn, "k_norm", nn.Identity())
     out = []
     for h in range(H):
-        q, k = getattr(attn, "q_norm", nn.Identity())(cols[h]), getattr(attn, "k_norm", nn.Identity())(cols[H + h])
+        q, k = q_norm(cols[h]), k_norm(cols[H + h])
         s = scores(h, attn.matmul_qk.scaled(q, k.transpose(-2, -1), attn.scale, head=h))
         out.append(attn.matmul_av(attn.attn_drop(s.softmax(dim=-1)), cols[2 * H + h], head=h))
     return torch.cat(out, dim=-1)
@@ -114,26 +115,28 @@ class QuantWindowAttention(nn.Module):
         bias = bias.view(self.window_area, self.window_area, -1).permute(2, 0, 1)
         return bias.unsqueeze(0)
 
+    @staticmethod
+    def _biased(attn: torch.Tensor, bias: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Scores plus the relative position bias and the shifted-window mask ``[windows, N, N]``
+        (the same for every head); ``attn`` is ``[B_, heads, N, N]``, or ``[B_, N, N]`` for one head
+        with that head's ``bias``."""
+        attn = attn + bias
+        if mask is None:
+            return attn
+        n = attn.shape[-1]
+        per_window = mask.reshape(mask.shape[0], *[1] * (attn.dim() - 3), n, n)
+        return (attn.view(-1, mask.shape[0], *attn.shape[1:]) + per_window).view(-1, *attn.shape[1:])
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B_, N, _ = x.shape
         qkv = self.qkv(x)
         if _per_head_export(self):
             bias = self._rel_pos_bias()
-
-            def scores(h, s):
-                s = s + bias[:, h]
-                if mask is not None:  # [windows, N, N], the same for every head
-                    s = (s.view(-1, mask.shape[0], N, N) + mask.unsqueeze(0)).view(-1, N, N)
-                return s
-            return self.proj_drop(self.proj(_heads(self, qkv, scores)))
+            x = _heads(self, qkv, lambda h, s: self._biased(s, bias[:, h], mask))
+            return self.proj_drop(self.proj(x))
         q, k, v = qkv.reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         attn = self.matmul_qk.scaled(q, k.transpose(-2, -1), self.scale)
-        attn = attn + self._rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
+        attn = self.attn_drop(self._biased(attn, self._rel_pos_bias(), mask).softmax(dim=-1))
         x = self.matmul_av(attn, v)
         x = x.transpose(1, 2).reshape(B_, N, -1)
         return self.proj_drop(self.proj(x))
