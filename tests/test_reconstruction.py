@@ -145,6 +145,23 @@ def test_fisher_loss_and_no_qdrop_run_and_differ_from_the_default():
     assert not torch.equal(runs["mse"], runs["fisher"]) and not torch.equal(runs["mse"], runs["no_qdrop"])
 
 
+def test_the_pass_equals_reconstruct_on_a_copy_of_the_calibrated_model():
+    """benchmarks/recon_ablation.py calibrates once and reconstructs copies: that must be the pipeline's result."""
+    import copy
+    from vitquant.calibration.reconstruction import reconstruct
+    cfg = get_recipe("vitq", 4, 4)
+    rc = ReconstructionConfig(iters=8, batch_size=4)
+    torch.manual_seed(0)
+    piped, _ = quantize(tiny_vit(), X, cfg.replace(reconstruction=rc), progress=False)
+    torch.manual_seed(0)
+    calibrated, _ = quantize(tiny_vit(), X, cfg, progress=False)
+    copied = copy.deepcopy(calibrated)
+    reconstruct(copied, X, rc, batch_size=cfg.batch_size, progress=False)
+    with torch.no_grad():
+        assert torch.equal(piped(X), copied(X))
+        assert not torch.equal(copied(X), calibrated(X))
+
+
 def test_reconstruction_images_can_outnumber_calibration_images():
     cfg = get_recipe("repq", 4, 4).replace(reconstruction=ReconstructionConfig(iters=5, batch_size=8))
     more = torch.cat([X, X.flip(-1)])
