@@ -40,6 +40,7 @@ VARIANTS = {
     "iters100": {"iters": 100},
     "iters400": {"iters": 400},
     "iters800": {"iters": 800},
+    "images128": {"images": 128},  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
 }
 
 
@@ -110,15 +111,25 @@ def variant_step(args, name: str) -> dict:
         raise SystemExit(f"{pt} does not match {meta}")
     model = torch.load(pt, weights_only=False)
     _, info, calib, evalset = _data(args)
-    rc = ReconstructionConfig(seed=args.seed, **VARIANTS[name])
+    knobs = dict(VARIANTS[name])
+    images = calib
+    if "images" in knobs:  # a superset of the calibration images, drawn as the CLI's --recon-images
+        from vitquant.data import load_images
+        from vitquant.models import data_config_for
+        sample = Path(args.sample)
+        pool = load_images(sample / "images", data_config_for(model), list_file=sample / "splits" / "calib.txt",
+                           progress=False)
+        images = pool.subset(knobs.pop("images"), seed=args.seed)
+    rc = ReconstructionConfig(seed=args.seed, **knobs)
     t0 = time.perf_counter()
-    rep = reconstruct(model, calib.tensors(), rc, batch_size=32, progress=not args.quiet)
+    rep = reconstruct(model, images.tensors(), rc, batch_size=32, progress=not args.quiet)
     seconds = time.perf_counter() - t0
     c = compare(model, evalset, progress=not args.quiet)
     result = _result_common(args, info, calib, evalset) | {
         "step": name, "reconstruction": {k: (list(v) if isinstance(v, tuple) else v)
                                          for k, v in rc.__dict__.items()},
         "iters": rep["iters"], "recon_batch": rep["batch_size"],
+        "recon_data": {"list": "splits/calib.txt", "names": images.names},
         "recon_seconds": round(seconds, 1), "calib_seconds": calibrated["calib_seconds"],
         "calibrated_top1": calibrated["quant_top1"], "fp32_top1": round(c.fp32_top1, 2),
         "quant_top1": round(c.quant_top1, 2), "top1_drop": round(c.fp32_top1 - c.quant_top1, 2),
@@ -132,11 +143,11 @@ def variant_step(args, name: str) -> dict:
 def report_step(args) -> None:
     from vitquant.io import atomic_write_text
     pt, meta, out, tag = _paths(args)
-    rows = ["| variant | iterations x batch | QDrop p | loss | recon (s) | mean unit error after | top-1 | drop |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | iterations x batch | images | QDrop p | loss | recon (s) | mean unit error after | top-1 | drop |",
+            "|---|---|---|---|---|---|---|---|---|"]
     cal = json.loads(meta.read_text()) if meta.exists() else None
     if cal:
-        rows.append(f"| calibration only | - | - | - | - | - | {cal['quant_top1']:.2f} | "
+        rows.append(f"| calibration only | - | - | - | - | - | - | {cal['quant_top1']:.2f} | "
                     f"{cal['fp32_top1'] - cal['quant_top1']:.2f} |")
     cpu = None
     for name in VARIANTS:
@@ -146,11 +157,15 @@ def report_step(args) -> None:
         r = json.loads(f.read_text())
         cpu = r["environment"].get("processor")
         rc = r["reconstruction"]
-        rows.append(f"| {name} | {r['iters']} x {r['recon_batch']} | {rc['drop_prob']} | {rc['loss']} | "
+        rows.append(f"| {name} | {r['iters']} x {r['recon_batch']} | {len(r['recon_data']['names'])} | "
+                    f"{rc['drop_prob']} | {rc['loss']} | "
                     f"{r['recon_seconds']:.0f} | {r['mean_error_after']:.4f} | {r['quant_top1']:.2f} | "
                     f"{r['top1_drop']:.2f} |")
-    text = (f"DeiT-Tiny vitq W{args.bits}A{args.bits}, calibration seed {args.seed}, 32 images, 872 eval images; "
-            f"CPU: {cpu}\n\n" + "\n".join(rows) + "\n")
+    where = "?" if cpu is None else (f"{cpu['model']} (family/model/stepping {cpu['family_model_stepping']}, "
+                                     f"AVX-512 VNNI: {cpu['isa']['avx512_vnni']})")
+    n_cal = len(cal["calib_data"]["names"]) if cal else "?"
+    text = (f"DeiT-Tiny vitq W{args.bits}A{args.bits}, calibration seed {args.seed}, {n_cal} calibration images, "
+            f"FP32 {cal['fp32_top1'] if cal else '?'} on splits/eval.txt; CPU: {where}\n\n" + "\n".join(rows) + "\n")
     atomic_write_text(out / f"{tag}.md", text)
     print(text)
 
