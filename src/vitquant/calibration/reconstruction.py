@@ -191,8 +191,10 @@ class ReconActivation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.learned is not None:
             xq = self.learned(x)
-        else:
-            xq = x + (self.q(x) - x).detach()
+        else:  # frozen: straight through, its forward recorded for no backward pass
+            with torch.no_grad():
+                delta = self.q(x) - x
+            xq = x + delta
         if self.dropping and self.drop_prob > 0:
             keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.drop_prob
             xq = torch.where(keep, xq, x)
