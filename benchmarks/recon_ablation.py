@@ -40,7 +40,8 @@ VARIANTS = {
     "iters100": {"iters": 100},
     "iters400": {"iters": 400},
     "iters800": {"iters": 800},
-    "images128": {"images": 128},  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
+    "images128": {"images": 128},
+    "no_guard": {"keep_better": False},  # commit what was learned even where a unit got worse (BRECQ)  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
 }
 
 
