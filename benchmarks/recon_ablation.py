@@ -41,7 +41,8 @@ VARIANTS = {
     "iters400": {"iters": 400},
     "iters800": {"iters": 800},
     "images128": {"images": 128},
-    "no_guard": {"keep_better": False},  # commit what was learned even where a unit got worse (BRECQ)  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
+    "no_guard": {"keep_better": False},
+    "recon_seed1": {"seed": 1},  # the default with another reconstruction seed (batches, QDrop masks): its noise  # commit what was learned even where a unit got worse (BRECQ)  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
 }
 
 
@@ -121,7 +122,7 @@ def variant_step(args, name: str) -> dict:
         pool = load_images(sample / "images", data_config_for(model), list_file=sample / "splits" / "calib.txt",
                            progress=False)
         images = pool.subset(knobs.pop("images"), seed=args.seed)
-    rc = ReconstructionConfig(seed=args.seed, **knobs)
+    rc = ReconstructionConfig(**({"seed": args.seed} | knobs))
     t0 = time.perf_counter()
     rep = reconstruct(model, images.tensors(), rc, batch_size=32, progress=not args.quiet)
     seconds = time.perf_counter() - t0
@@ -135,7 +136,8 @@ def variant_step(args, name: str) -> dict:
         "calibrated_top1": calibrated["quant_top1"], "fp32_top1": round(c.fp32_top1, 2),
         "quant_top1": round(c.quant_top1, 2), "top1_drop": round(c.fp32_top1 - c.quant_top1, 2),
         "mean_error_before": rep["mean_error_before"], "mean_error_after": rep["mean_error_after"],
-        "units_kept_calibration": sorted(u for u, i in rep["units"].items() if i.get("kept_calibration"))}
+        "units_kept_calibration": sorted(u for u, i in rep["units"].items() if i.get("kept_calibration")),
+        "units": rep["units"]}
     atomic_write_json(dest, result)
     log(json.dumps({k: result[k] for k in ("step", "recon_seconds", "quant_top1", "mean_error_after")}))
     return result
@@ -144,11 +146,11 @@ def variant_step(args, name: str) -> dict:
 def report_step(args) -> None:
     from vitquant.io import atomic_write_text
     pt, meta, out, tag = _paths(args)
-    rows = ["| variant | iterations x batch | images | QDrop p | loss | recon (s) | mean unit error after | top-1 | drop |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | iterations x batch | images | QDrop p | loss | guard | seed | recon (s) | mean unit error after "
+            "| top-1 | drop |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     cal = json.loads(meta.read_text()) if meta.exists() else None
     if cal:
-        rows.append(f"| calibration only | - | - | - | - | - | - | {cal['quant_top1']:.2f} | "
+        rows.append(f"| calibration only | - | - | - | - | - | - | - | - | {cal['quant_top1']:.2f} | "
                     f"{cal['fp32_top1'] - cal['quant_top1']:.2f} |")
     cpu = None
     for name in VARIANTS:
@@ -159,7 +161,7 @@ def report_step(args) -> None:
         cpu = r["environment"].get("processor")
         rc = r["reconstruction"]
         rows.append(f"| {name} | {r['iters']} x {r['recon_batch']} | {len(r['recon_data']['names'])} | "
-                    f"{rc['drop_prob']} | {rc['loss']} | "
+                    f"{rc['drop_prob']} | {rc['loss']} | {'on' if rc['keep_better'] else 'off'} | {rc['seed']} | "
                     f"{r['recon_seconds']:.0f} | {r['mean_error_after']:.4f} | {r['quant_top1']:.2f} | "
                     f"{r['top1_drop']:.2f} |")
     where = "?" if cpu is None else (f"{cpu['model']} (family/model/stepping {cpu['family_model_stepping']}, "
