@@ -257,3 +257,31 @@ def test_a_unit_made_worse_keeps_its_calibration():
     with torch.no_grad():
         fp = tiny_vit()(X)
         assert ((kept(X) - fp) ** 2).mean() < ((raw(X) - fp) ** 2).mean()
+
+
+def test_with_the_fisher_loss_the_guard_judges_the_weighted_error():
+    """The unit error the keep-better guard compares is weighted as the loss is: with a Fisher weight
+    that is zero on half the channels, those channels do not count."""
+    import copy
+    from vitquant.calibration.reconstruction import reconstruct_unit, unit_io
+    from vitquant.nn.wrap import calibration_units
+    calibrated, _ = quantize(tiny_vit(), X, get_recipe("repq", 4, 4), progress=False)
+    seen, expected = {}, {}
+    for loss in ("mse", "fisher"):
+        model = copy.deepcopy(calibrated)  # each call commits what it learned
+        index, (unit, ops) = next((i, u) for i, u in enumerate(calibration_units(model)) if u[0] == "blocks.1")
+        block = model.get_submodule(unit)
+        _, target, _ = unit_io(model, block, X, 16, fp=True, inputs=False, output=True)
+        inputs, _, kw = unit_io(model, block, X, 16, fp=False, inputs=True, output=False)
+        weight = torch.zeros_like(target)
+        weight[..., ::2] = 2.0
+        g = weight if loss == "fisher" else torch.ones_like(target)
+        with torch.no_grad():
+            out = block(*inputs, **kw)
+        expected[loss] = float((g * (out - target) ** 2).sum() / (g * target ** 2).sum())
+        rc = ReconstructionConfig(iters=1, batch_size=16, loss=loss)
+        seen[loss] = reconstruct_unit(index, unit, block, ops, inputs, kw, target,
+                                      weight if loss == "fisher" else None, rc, 1, 16)["error_before"]
+    assert abs(expected["mse"] - expected["fisher"]) > 1e-3 * expected["mse"]
+    for loss in seen:
+        assert seen[loss] == pytest.approx(expected[loss], rel=1e-5), (seen, expected)

@@ -293,7 +293,8 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
         return [x[idx] for x in inputs], target[idx], None if fisher is None else fisher[idx]
 
     def eval_error() -> float:
-        """Relative squared error of the unit output, hard rounding, no QDrop."""
+        """Relative squared error of the unit output, hard rounding, no QDrop; with the Fisher loss
+        weighted as the loss is (the guard then judges the objective that was optimised)."""
         for r in rounders.values():
             r.hard = True
         for *_, a in acts:
@@ -304,8 +305,11 @@ def reconstruct_unit(index: int, unit: str, module: nn.Module, ops: list[tuple[s
         with torch.no_grad():
             for i in range(0, n, batch):
                 idx = torch.arange(i, min(n, i + batch))
-                xs, y, _ = batch_rows(idx)
-                tot += float(((module(*xs, **kwargs) - y) ** 2).sum()) / float((y ** 2).sum().clamp_min(1e-30)) * len(idx)
+                xs, y, g = batch_rows(idx)
+                err, ref = (module(*xs, **kwargs) - y) ** 2, y ** 2
+                if g is not None:
+                    err, ref = err * g, ref * g
+                tot += float(err.sum()) / float(ref.sum().clamp_min(1e-30)) * len(idx)
         for *_, a in acts:
             a.dropping = True
         for r in rounders.values():
