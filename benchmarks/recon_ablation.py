@@ -21,7 +21,6 @@ package versions and CPU. Results go to ``--out``/recon_ablation/.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -40,9 +39,9 @@ VARIANTS = {
     "iters100": {"iters": 100},
     "iters400": {"iters": 400},
     "iters800": {"iters": 800},
-    "images128": {"images": 128},
-    "no_guard": {"keep_better": False},
-    "recon_seed1": {"seed": 1},  # the default with another reconstruction seed (batches, QDrop masks): its noise  # commit what was learned even where a unit got worse (BRECQ)  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
+    "images128": {"images": 128},  # reconstruct on all 128 images of splits/calib.txt (--recon-images 128)
+    "no_guard": {"keep_better": False},  # commit what was learned even where a unit got worse (BRECQ)
+    "recon_seed1": {"seed": 1},  # the default with another reconstruction seed (batches, QDrop masks): its noise
 }
 
 
@@ -53,11 +52,15 @@ def _paths(args):
     return work / f"{tag}_calibrated.pt", out / f"{tag}_calibrated.json", out, tag
 
 
-def _data(args):
+def _data(args, recon_images: int = 0):
+    """The model, its weights info, the calibration draw, the evaluation images, and the reconstruction
+    images: the first ``recon_images`` of the same seeded draw (as the CLI's ``--recon-images``; a
+    superset of the calibration images), else the calibration images."""
     from vitquant.models import load_model
     model, info = load_model("deit_tiny_patch16_224", args.checkpoint, pretrained=False)
-    calib, evalset = load_data(model, args.sample, args.num_calib, args.num_eval, calib_seed=args.seed)
-    return model, info, calib, evalset
+    draw, evalset = load_data(model, args.sample, max(args.num_calib, recon_images), args.num_eval,
+                              calib_seed=args.seed)
+    return model, info, draw.subset(args.num_calib), evalset, draw if recon_images else draw.subset(args.num_calib)
 
 
 def _result_common(args, info, calib, evalset) -> dict:
@@ -78,7 +81,7 @@ def calibrate_step(args) -> dict:
     if meta.exists() and pt.exists():
         log(f"{meta} exists; calibration skipped")
         return json.loads(meta.read_text())
-    model, info, calib, evalset = _data(args)
+    model, info, calib, evalset, _ = _data(args)
     cfg = get_recipe("vitq", args.bits, args.bits)
     t0 = time.perf_counter()
     model, report = quantize(model, calib, cfg, progress=not args.quiet)
@@ -112,16 +115,8 @@ def variant_step(args, name: str) -> dict:
     if hashlib.sha256(pt.read_bytes()).hexdigest() != calibrated["pickle_sha256"]:
         raise SystemExit(f"{pt} does not match {meta}")
     model = torch.load(pt, weights_only=False)
-    _, info, calib, evalset = _data(args)
     knobs = dict(VARIANTS[name])
-    images = calib
-    if "images" in knobs:  # a superset of the calibration images, drawn as the CLI's --recon-images
-        from vitquant.data import load_images
-        from vitquant.models import data_config_for
-        sample = Path(args.sample)
-        pool = load_images(sample / "images", data_config_for(model), list_file=sample / "splits" / "calib.txt",
-                           progress=False)
-        images = pool.subset(knobs.pop("images"), seed=args.seed)
+    _, info, calib, evalset, images = _data(args, knobs.pop("images", 0))
     rc = ReconstructionConfig(**({"seed": args.seed} | knobs))
     t0 = time.perf_counter()
     rep = reconstruct(model, images.tensors(), rc, batch_size=32, progress=not args.quiet)
